@@ -1,0 +1,1 @@
+"""cxr-ray: distributed chest X-ray screening on Ray."""

@@ -1,0 +1,215 @@
+"""The model artifact: one directory (local or s3://) every surface loads unchanged.
+
+Layout::
+
+    model.safetensors   weights (no pickle)
+    model.json          the model card: arch, classes, preprocessing, thresholds, metrics...
+    model.onnx          optional, written by ``cxr-ray export --format onnx``
+    engines/            optional TensorRT plans, each recorded in model.json with its sha256
+
+``version`` is a content hash of the weights and of everything in the card that
+changes what the model outputs (arch, classes, preprocessing, thresholds), so
+two artifacts with the same version screen identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cxr_ray.errors import ArtifactError
+from cxr_ray.preprocess import PreprocessConfig
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+ENGINES_DIR = "engines"
+
+
+@dataclass
+class ModelCard:
+    """Contents of ``model.json``."""
+
+    name: str
+    arch: str
+    classes: list[str]
+    preprocessing: dict
+    positive_class: str | None = None
+    # {"positive": float, "target_sensitivity": float, "chosen_on": "validation"}
+    thresholds: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    version: str = ""
+    created_at: str = ""
+    schema_version: int = SCHEMA_VERSION
+    onnx: dict | None = None  # {"file", "sha256", "opset", "max_abs_diff"}
+    engines: list[dict] = field(default_factory=list)  # {"file", "key", "sha256", ...}
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.preprocessing)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        """Operating threshold on the positive-class score (0.5 when none was chosen)."""
+        return float(self.thresholds.get("positive", 0.5))
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.classes.index(self.positive_class) if self.positive_class in self.classes else None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["image_size"] = self.image_size  # convenience for readers of the card
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelCard:
+        if int(data.get("schema_version", 0)) != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"model.json schema_version {data.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_version(weights_path: Path, card: ModelCard) -> str:
+    behaviour = {
+        "arch": card.arch,
+        "classes": card.classes,
+        "positive_class": card.positive_class,
+        "preprocessing": card.preprocessing,
+        "thresholds": card.thresholds,
+    }
+    digest = hashlib.sha256(sha256_file(weights_path).encode())
+    digest.update(json.dumps(behaviour, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_artifact(directory: str | os.PathLike, model: nn.Module, card: ModelCard) -> ModelCard:
+    """Write weights + card into a local directory; fills ``version`` and ``created_at``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights_path = out / WEIGHTS_FILE
+    save_file(state, str(weights_path), metadata={"arch": card.arch})
+    card.version = _content_version(weights_path, card)
+    card.created_at = card.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_card(out, card)
+    return card
+
+
+def write_card(directory: str | os.PathLike, card: ModelCard) -> None:
+    """Atomically rewrite ``model.json`` (export adds ONNX / engine records to it)."""
+    out = Path(directory)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.json.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(card.to_json())
+    os.replace(tmp, out / CARD_FILE)
+
+
+def localize(uri: str, s3_endpoint: str | None = None) -> Path:
+    """A local directory holding the artifact: the path itself, or a cached copy of s3://.
+
+    Backends need real files (ONNX Runtime, TensorRT), so remote artifacts are
+    copied once into ``$CXR_RAY_CACHE`` (default ``~/.cache/cxr-ray``) keyed by
+    the URI and the card's version.
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).expanduser().resolve()
+        if not (path / CARD_FILE).is_file():
+            raise ArtifactError(f"{uri}: not a model artifact (no {CARD_FILE})")
+        return path
+    from cxr_ray.io.storage import get_filesystem
+
+    fs, root = get_filesystem(uri, s3_endpoint=s3_endpoint)
+    try:
+        card = ModelCard.from_dict(json.loads(fs.cat_file(f"{root.rstrip('/')}/{CARD_FILE}")))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{uri}: not a model artifact (no {CARD_FILE})") from exc
+    cache_root = Path(os.environ.get("CXR_RAY_CACHE", Path.home() / ".cache" / "cxr-ray"))
+    key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    local = cache_root / "artifacts" / f"{key}-{card.version}"
+    if not (local / CARD_FILE).is_file():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_root))
+        fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if not (local / CARD_FILE).is_file():
+            shutil.move(str(staging), str(local))
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+    return local
+
+
+def load_card(uri: str, s3_endpoint: str | None = None) -> ModelCard:
+    path = localize(uri, s3_endpoint)
+    try:
+        return ModelCard.from_dict(json.loads((path / CARD_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ArtifactError(f"{uri}: {CARD_FILE} is malformed: {exc}") from exc
+
+
+def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[nn.Module, ModelCard]:
+    """Rebuild the network from the registry and load its safetensors weights (eval mode, CPU)."""
+    from cxr_ray.models.registry import build_model
+
+    path = localize(uri, s3_endpoint)
+    card = load_card(str(path))
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{uri}: {WEIGHTS_FILE} is missing")
+    model = build_model(card.arch, len(card.classes))
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{uri}: weights do not match arch {card.arch!r} with {len(card.classes)} classes: {exc}") from exc
+    return model.eval(), card
+
+
+def new_card(
+    *,
+    name: str,
+    arch: str,
+    classes: list[str],
+    image_size: int | None = None,
+    positive_class: str | None = None,
+    **fields,
+) -> ModelCard:
+    """A card whose preprocessing is derived from the architecture (never re-typed by callers)."""
+    from cxr_ray.models.registry import get_arch
+
+    spec = get_arch(arch)
+    size = int(image_size or spec.default_image_size)
+    if size < spec.min_image_size:
+        raise ValueError(f"{arch} needs image_size >= {spec.min_image_size}, got {size}")
+    if positive_class is not None and positive_class not in classes:
+        raise ValueError(f"positive class {positive_class!r} is not one of {classes}")
+    preprocessing = PreprocessConfig(image_size=size, mean=spec.grey_mean, std=spec.grey_std).to_dict()
+    return ModelCard(
+        name=name, arch=arch, classes=list(classes), preprocessing=preprocessing, positive_class=positive_class, **fields
+    )
+
