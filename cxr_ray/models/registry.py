@@ -85,14 +85,24 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def backbone_blocks(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    """The backbone's stages in forward order (for ``finetune`` of the last N blocks)."""
+    """The backbone's stages in forward order (for ``finetune`` of the last N blocks).
+
+    A normalisation layer standing alone after a stage (DenseNet's ``norm5``,
+    Xception's ``bn4``) belongs to that stage, so "last block" means real layers.
+    """
     container = get_submodule(model, spec.blocks)
     classifier_root = spec.classifier.split(".")[0]
-    return [
-        child
-        for name, child in container.named_children()
-        if (spec.blocks or name != classifier_root) and any(True for _ in child.parameters())
-    ]
+    groups: list[list[nn.Module]] = []
+    for name, child in container.named_children():
+        if not spec.blocks and name == classifier_root:
+            continue
+        if not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, nn.modules.batchnorm._NormBase) and groups:
+            groups[-1].append(child)
+        else:
+            groups.append([child])
+    return [group[0] if len(group) == 1 else nn.ModuleList(group) for group in groups]
 
 
 def adapt_first_conv_to_grey(model: nn.Module, spec: ArchSpec) -> None:

@@ -1,0 +1,225 @@
+"""``cxr-ray bench decode``: guarded decode + resize against a naive baseline, per format.
+
+*Ours* is what every surface runs: ``decode_image(data, target_size=size)``
+(content sniffing, header checks, DICOM LUT/VOI pipeline, JPEG DCT scaling)
+followed by ``preprocess.resize_square``. *Baseline* is what a notebook does,
+without any guard:
+
+* PNG / JPEG: ``Image.open -> convert("L") -> resize -> float32 / 255``;
+* DICOM: ``dcmread(...).pixel_array`` -> float32 min-max -> ``resize_square``.
+
+Both run in this one process on bytes already in memory (storage is not
+measured), interleaved round by round; each figure is the fastest round.
+The clock is ``time.process_time()``: CPU seconds of this process, so the
+figures are files per second per core and are not skewed by other work on a
+shared machine. Files that either path cannot decode are excluded from both
+and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+from cxr_ray.errors import UsageError
+
+FORMATS = ("dicom", "png", "jpeg")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "decode",
+        help="decode + resize throughput per format, ours vs a naive baseline",
+        description=(
+            "Files/s per core (process CPU time) of decode_image + resize_square against a naive "
+            "Pillow / pydicom baseline, per format and overall, with the ratio ours/baseline."
+        ),
+    )
+    parser.add_argument(
+        "--input", required=True, help="directory searched recursively for DICOM/PNG/JPEG"
+    )
+    parser.add_argument("--size", type=int, default=224, help="square output size (default 224)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N files per format")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timed rounds; the fastest is reported (default 3)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    result = bench_decode(args.input, size=args.size, limit=args.limit, rounds=args.rounds)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _ours(size: int) -> Callable[[bytes], object]:
+    from cxr_ray.io.decode import decode_image
+    from cxr_ray.preprocess import resize_square
+
+    def run_one(data: bytes):
+        return resize_square(decode_image(data, "bench", target_size=size).pixels, size)
+
+    return run_one
+
+
+def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
+    import numpy as np
+
+    if fmt == "dicom":
+        import pydicom
+
+        from cxr_ray.preprocess import resize_square
+
+        def dicom_one(data: bytes):
+            pixels = pydicom.dcmread(BytesIO(data)).pixel_array.astype(np.float32)
+            low, high = pixels.min(), pixels.max()
+            pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+            return resize_square(pixels, size)
+
+        return dicom_one
+
+    from PIL import Image
+
+    def raster_one(data: bytes):
+        image = (
+            Image.open(BytesIO(data)).convert("L").resize((size, size), Image.Resampling.BILINEAR)
+        )
+        return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+
+    return raster_one
+
+
+def collect_files(
+    root: str | os.PathLike, limit: int | None
+) -> tuple[dict[str, list[tuple[str, bytes]]], int]:
+    """Bytes of up to ``limit`` files per format under ``root`` (by content); and the count skipped."""
+    from cxr_ray.io.decode import sniff_format
+
+    files: dict[str, list[tuple[str, bytes]]] = {fmt: [] for fmt in FORMATS}
+    skipped = 0
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        fmt = sniff_format(data) if data else None
+        if fmt is None:
+            skipped += 1
+            continue
+        if limit is None or len(files[fmt]) < limit:
+            files[fmt].append((str(path.relative_to(root)), data))
+    return files, skipped
+
+
+def _cpu_seconds(function: Callable[[bytes], object], batch: list[bytes]) -> float:
+    start = time.process_time()
+    for data in batch:
+        function(data)
+    return time.process_time() - start
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def bench_decode(
+    root: str | os.PathLike, *, size: int = 224, limit: int | None = None, rounds: int = 3
+) -> dict:
+    """Run the benchmark; returns the JSON-ready result (see the module docstring)."""
+    if not Path(root).is_dir():
+        raise UsageError(f"--input {root}: not a directory")
+    if size < 1:
+        raise UsageError(f"--size {size}: must be a positive number of pixels")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: must be at least 1")
+    if rounds < 1:
+        raise UsageError(f"--rounds {rounds}: must be at least 1")
+    files, skipped = collect_files(root, limit)
+    if not any(files.values()):
+        raise UsageError(f"--input {root}: no DICOM, PNG or JPEG files found")
+
+    ours = _ours(size)
+    baselines = {fmt: _baseline(fmt, size) for fmt in FORMATS}
+    batches: dict[str, list[bytes]] = {}
+    excluded = []
+    for fmt, entries in files.items():
+        batch = []
+        for relative, data in entries:  # also the warm-up pass
+            failed = None
+            for label, function in (("ours", ours), ("baseline", baselines[fmt])):
+                try:
+                    function(data)
+                except Exception as exc:
+                    failed = {
+                        "path": relative,
+                        "format": fmt,
+                        "failed": label,
+                        "error": getattr(exc, "code", type(exc).__name__),
+                    }
+                    break
+            if failed:
+                excluded.append(failed)
+            else:
+                batch.append(data)
+        if batch:
+            batches[fmt] = batch
+
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(rounds):
+        for fmt, batch in batches.items():
+            for label, function in (("ours", ours), ("baseline", baselines[fmt])):
+                seconds = _cpu_seconds(function, batch)
+                key = (fmt, label)
+                best[key] = min(seconds, best.get(key, float("inf")))
+
+    per_format = {}
+    for fmt, batch in batches.items():
+        ours_s, base_s = best[(fmt, "ours")], best[(fmt, "baseline")]
+        per_format[fmt] = {
+            "files": len(batch),
+            "mean_bytes": round(sum(map(len, batch)) / len(batch)),
+            "ours_files_per_s": round(_rate(len(batch), ours_s), 2),
+            "baseline_files_per_s": round(_rate(len(batch), base_s), 2),
+            "ratio": round(base_s / ours_s, 3) if ours_s > 0 else None,
+        }
+    total_files = sum(len(batch) for batch in batches.values())
+    ours_total = sum(best[(fmt, "ours")] for fmt in batches)
+    base_total = sum(best[(fmt, "baseline")] for fmt in batches)
+    return {
+        "bench": "decode",
+        "input": str(root),
+        "size": size,
+        "rounds": rounds,
+        "clock": "time.process_time: CPU seconds of this single process (files/s per core), fastest round",
+        "ours": "decode_image(data, target_size=size) + preprocess.resize_square",
+        "baseline": {
+            "png/jpeg": "PIL.Image.open -> convert('L') -> resize(BILINEAR) -> float32/255",
+            "dicom": "pydicom.dcmread(...).pixel_array -> float32 min-max -> resize_square",
+        },
+        "formats": per_format,
+        "overall": {
+            "files": total_files,
+            "ours_files_per_s": round(_rate(total_files, ours_total), 2),
+            "baseline_files_per_s": round(_rate(total_files, base_total), 2),
+            "ratio": round(base_total / ours_total, 3) if ours_total > 0 else None,
+        },
+        "excluded": excluded,
+        "skipped_not_images": skipped,
+        "environment": _environment(),
+    }
+
+
+def _environment() -> dict:
+    import numpy
+    import PIL
+    import pydicom
+
+    return {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "pydicom": pydicom.__version__,
+        "cpu_count": os.cpu_count(),
+    }
