@@ -1,0 +1,140 @@
+"""``cxr-ray serve``: the HTTP endpoint on Ray Serve, until Ctrl-C.
+
+The same application ``serve run deploy/serve.yaml`` starts, with its arguments
+taken from flags. Prints one JSON line (URL, docs, curl examples) once the
+endpoint answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+
+from cxr_ray.errors import UsageError
+
+APP_NAME = "cxr-ray"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="HTTP endpoint (Ray Serve): POST an X-ray to /v1/predict",
+        description=(
+            "Serve one model artifact over HTTP with dynamic batching: POST /v1/predict, "
+            "GET /v1/model, GET /healthz, OpenAPI at /docs. Runs until Ctrl-C."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model artifact directory (local path or s3://)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"], help="inference backend"
+    )
+    parser.add_argument("--device", default=None, help="backend device, e.g. cuda:0 (default: the backend's choice)")
+    parser.add_argument(
+        "--api-key-env", default=None, metavar="VAR",
+        help="require the header X-API-Key equal to the value of this environment variable",
+    )
+    parser.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted body (default 64 MB)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: largest batch (default 16)")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait to fill a batch (default 5)"
+    )
+    parser.add_argument("--no-batching", action="store_true", help="predict each request on its own")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas (fixed; default 1)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (default 0)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL for s3:// artifacts (e.g. MinIO)")
+    parser.add_argument(
+        "--address", default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for this command)",
+    )
+
+
+def build_args(args: argparse.Namespace):
+    """Flags -> :class:`ServeArgs` (the same model ``deploy/serve.yaml`` fills)."""
+    from pydantic import ValidationError
+
+    from cxr_ray.serve.config import DeploymentArgs, ServeArgs
+
+    if args.api_key_env and not args.address and not os.environ.get(args.api_key_env):
+        raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    try:
+        model_options = {"num_cpus": 1}
+        predictor_ongoing = max(32, 2 * args.max_batch_size)  # a batch fills while one runs
+        if args.gpus_per_replica:
+            model_options["num_gpus"] = args.gpus_per_replica
+        return ServeArgs(
+            model=args.model,
+            backend=args.backend,
+            device=args.device,
+            s3_endpoint=args.s3_endpoint,
+            api_key_env=args.api_key_env,
+            max_body_mb=args.max_body_mb,
+            batching=not args.no_batching,
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_ms / 1000,
+            # The key is read from the environment of the ingress replica: a local Ray
+            # started here inherits this shell's; on a cluster (--address) the variable
+            # must be set on its nodes (e.g. from a Kubernetes Secret), never in a config.
+            ingress=DeploymentArgs(
+                num_replicas=1, max_ongoing_requests=predictor_ongoing * args.replicas + 64, max_queued_requests=64,
+                ray_actor_options={"num_cpus": 0.5},
+            ),
+            predictor=DeploymentArgs(
+                num_replicas=args.replicas, max_ongoing_requests=predictor_ongoing,
+                max_queued_requests=32, ray_actor_options=model_options,
+            ),
+        )
+    except ValidationError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def curl_examples(url: str, api_key_env: str | None = None) -> list[str]:
+    key = f' -H "X-API-Key: ${api_key_env}"' if api_key_env else ""
+    return [
+        f"curl -s{key} -H 'Content-Type: image/png' --data-binary @chest.png {url}/v1/predict",
+        f"curl -s{key} -H 'Content-Type: application/dicom' --data-binary @image.dcm '{url}/v1/predict?explain=gradcam'",
+        f"curl -s{key} -F file=@chest.jpg {url}/v1/predict",
+        f"curl -s{key} {url}/v1/model",
+        f"curl -s {url}/healthz",
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    serve_args = build_args(args)
+    from cxr_ray.artifact import load_card
+
+    load_card(serve_args.model, serve_args.s3_endpoint)  # fail here, not in a replica, on a bad path
+
+    import ray
+    from ray import serve
+
+    from cxr_ray.serve.app import app_builder
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app_builder(serve_args), name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}"
+    print(json.dumps({"url": url, "docs": f"{url}/docs", "app": APP_NAME, "curl": curl_examples(url, args.api_key_env)}),
+          flush=True)
+    # Ctrl-C, or SIGTERM from a process manager: both stop Serve and Ray cleanly.
+    # (SIGINT is re-armed because a shell may start background jobs with it ignored.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,148 @@
+"""Typed arguments of the Serve application (``args:`` in ``deploy/serve.yaml``).
+
+Plain pydantic, no Ray import: the CLI, the benchmark and Serve's config loader
+all validate the same model, and a typo in the YAML fails with the field name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from cxr_ray.io.types import DecodePolicy
+
+BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+
+
+class AutoscalingArgs(BaseModel):
+    """Serve's ``autoscaling_config`` (a subset; Serve's defaults for the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: PositiveInt = 4
+    # Requests in flight per replica the autoscaler aims for. For the batched
+    # model this is about one full batch; for the ingress, concurrent decodes.
+    target_ongoing_requests: PositiveFloat = 8
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentArgs(BaseModel):
+    """Replica count / autoscaling and admission limits of one deployment.
+
+    ``max_queued_requests`` bounds the queue in front of the replicas: beyond
+    ``replicas * max_ongoing_requests + max_queued_requests`` requests in flight,
+    callers get 503 at once instead of waiting without end.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: PositiveInt | None = None  # fixed count; None = autoscaling (or 1)
+    autoscaling: AutoscalingArgs | None = None
+    max_ongoing_requests: PositiveInt = 16
+    max_queued_requests: int = Field(32, ge=-1)  # -1 = unbounded (not recommended)
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)  # num_cpus, num_gpus, runtime_env...
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentArgs:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give num_replicas or autoscaling, not both")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or >= 1 (Serve's rule)")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": dict(self.ray_actor_options),
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
+
+# Admission limits are layered on purpose: the predictor (32 running per replica + 32
+# queued per caller) sheds load before the ingress (128 running) is full, so overload
+# is answered by our JSON 503. Were the ingress full first, Serve's proxy would answer
+# with its own plain-text 503 (see ServeArgs.layering_problems).
+def _default_ingress() -> DeploymentArgs:
+    # Decode + preprocess run here (CPU), so scale on concurrent requests.
+    return DeploymentArgs(
+        autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=4, target_ongoing_requests=16),
+        max_ongoing_requests=128,
+        max_queued_requests=64,
+        ray_actor_options={"num_cpus": 1},
+    )
+
+
+def _default_predictor() -> DeploymentArgs:
+    # Batched inference: one replica per device; ongoing >= 2 x max_batch_size so a
+    # batch can fill while the previous one runs.
+    return DeploymentArgs(
+        autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=16),
+        max_ongoing_requests=32,
+        max_queued_requests=32,
+        ray_actor_options={"num_cpus": 1},
+    )
+
+
+class ServeArgs(BaseModel):
+    """Arguments of ``cxr_ray.serve.app:app_builder``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="model artifact directory: local path or s3:// URI")
+    backend: BackendName = "auto"
+    device: str | None = None  # e.g. "cuda:0"; None = backend's choice
+    num_threads: PositiveInt | None = None  # intra-op threads of the backend
+    s3_endpoint: str | None = None
+    # Name of an environment variable holding the API key; the key itself never
+    # appears in the config. None = no key required.
+    api_key_env: str | None = None
+    max_body_mb: PositiveFloat = 64.0
+    max_pixels: PositiveInt = DecodePolicy().max_pixels
+    batching: bool = True
+    max_batch_size: PositiveInt = 16
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    explain: bool = True  # allow ?explain=gradcam|lrp (loads the torch model lazily)
+    ingress: DeploymentArgs = Field(default_factory=_default_ingress)
+    predictor: DeploymentArgs = Field(default_factory=_default_predictor)
+
+    def layering_problems(self) -> list[str]:
+        """Limits that work, but not as intended (the app builder logs them)."""
+        problems = []
+        if self.batching and self.predictor.max_ongoing_requests < self.max_batch_size:
+            problems.append(
+                f"predictor.max_ongoing_requests={self.predictor.max_ongoing_requests} < "
+                f"max_batch_size={self.max_batch_size}: batches can never fill"
+            )
+        pred = self.predictor
+        replicas = pred.num_replicas or (pred.autoscaling.max_replicas if pred.autoscaling else 1)
+        capacity = replicas * pred.max_ongoing_requests + pred.max_queued_requests
+        if pred.max_queued_requests != -1 and self.ingress.max_ongoing_requests <= capacity:
+            problems.append(
+                f"ingress.max_ongoing_requests={self.ingress.max_ongoing_requests} <= what the predictor "
+                f"admits from one caller ({replicas} x {pred.max_ongoing_requests} + {pred.max_queued_requests}): "
+                "under overload Serve's proxy answers plain-text 503s before the predictor sheds with JSON ones"
+            )
+        return problems
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def decode_policy(self) -> DecodePolicy:
+        return DecodePolicy(max_pixels=self.max_pixels)

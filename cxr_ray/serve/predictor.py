@@ -1,0 +1,125 @@
+"""The model deployment: one backend rebuilt from the artifact, fed dynamic batches.
+
+Requests arrive already decoded and preprocessed ((1, S, S) float32, from the
+ingress), so this replica spends its time in the backend only: ``@serve.batch``
+stacks concurrent requests into one ``Backend.predict`` call. The same
+:func:`~cxr_ray.backends.select.load_backend` and artifact as the screening job
+give the same numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from cxr_ray.serve.api import card_summary
+from cxr_ray.serve.config import ServeArgs
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="CxrPredictor", health_check_period_s=10, health_check_timeout_s=30)
+class CxrPredictor:
+    """Batched inference plus (lazily) the torch model for explanations."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from cxr_ray.artifact import load_card, localize
+        from cxr_ray.backends.select import load_backend
+
+        self.args = ServeArgs.model_validate(args)
+        # Localise once (s3:// -> cache) so the card, the backend and the torch
+        # model for explanations all read the same files.
+        self.artifact = str(localize(self.args.model, self.args.s3_endpoint))
+        self.card = load_card(self.artifact)
+        self.backend = load_backend(
+            self.artifact, self.args.backend, device=self.args.device, num_threads=self.args.num_threads
+        )
+        self._torch_model = None
+        self._explainers: dict[str, Any] = {}
+        self._explain_lock = threading.Lock()
+        self._probe = np.zeros((1, *self.backend.input_spec.shape), dtype=np.float32)
+        self._predict_batched.set_max_batch_size(self.args.max_batch_size)
+        self._predict_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        logger.info(
+            "cxr-ray predictor ready: model=%s version=%s backend=%s batching=%s max_batch_size=%d",
+            self.card.name, self.card.version, self.backend.name, self.args.batching, self.args.max_batch_size,
+        )
+
+    # ---- inference -------------------------------------------------------
+    async def predict(self, image: np.ndarray) -> dict[str, Any]:
+        """(1, S, S) preprocessed image -> {"probabilities": [K], "batch_size", "model_ms"}."""
+        if self.args.batching:
+            return await self._predict_batched(image)
+        return (await self._run_backend([image]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _predict_batched(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        return await self._run_backend(images)
+
+    async def _run_backend(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        batch = np.stack(images).astype(np.float32, copy=False)
+        start = time.perf_counter()
+        # A worker thread keeps the event loop free to admit the next batch.
+        probs = await asyncio.to_thread(self.backend.predict, batch)
+        model_ms = (time.perf_counter() - start) * 1000
+        n = len(images)
+        return [{"probabilities": row.tolist(), "batch_size": n, "model_ms": model_ms} for row in probs]
+
+    # ---- explanations ----------------------------------------------------
+    async def explain(self, pixels: np.ndarray, method: str) -> str:
+        """Heatmap overlay for a decoded (H, W) image, as base64 PNG (not batched)."""
+        return await asyncio.to_thread(self._explain_sync, pixels, method)
+
+    def _explain_sync(self, pixels: np.ndarray, method: str) -> str:
+        import base64
+
+        from cxr_ray.explain.methods import Explainer
+        from cxr_ray.explain.overlay import overlay_png_bytes
+
+        with self._explain_lock:  # torch model + one Explainer per method, built on first use
+            explainer = self._explainers.get(method)
+            if explainer is None:
+                from cxr_ray.artifact import load_model
+
+                if self._torch_model is None:
+                    self._torch_model, _ = load_model(self.artifact)
+                explainer = self._explainers[method] = Explainer(self._torch_model, self.card, method)
+        result = explainer.explain(pixels)
+        return base64.b64encode(overlay_png_bytes(pixels, result.heatmap)).decode("ascii")
+
+    def _explain_methods(self) -> list[str]:
+        if not self.args.explain:
+            return []
+        try:
+            from cxr_ray.explain.methods import supported_pairs
+        except ImportError:  # explain extras missing (captum): serve predictions only
+            return []
+        return [method for arch, method in supported_pairs() if arch == self.card.arch]
+
+    # ---- metadata / health -------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        out = card_summary(asdict(self.card))
+        out["backend"] = self.backend.name
+        out["batching"] = {
+            "enabled": self.args.batching,
+            "max_batch_size": self.args.max_batch_size,
+            "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+        }
+        out["explain_methods"] = self._explain_methods()
+        return out
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (restarted)."""
+        probs = self.backend.predict(self._probe)
+        if probs.shape != (1, len(self.card.classes)) or not np.all(np.isfinite(probs)):
+            raise RuntimeError(
+                f"backend {self.backend.name} returned {probs.shape} / non-finite output for a probe batch"
+            )
