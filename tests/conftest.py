@@ -39,6 +39,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep artifact copies and cached ONNX exports of the tests out of ~/.cache.
+
+    Set before the session's Ray cluster starts, so its workers inherit it too.
+    """
+    saved = os.environ.get("CXR_RAY_CACHE")
+    os.environ["CXR_RAY_CACHE"] = str(tmp_path_factory.mktemp("cxr-ray-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("CXR_RAY_CACHE", None)
+    else:
+        os.environ["CXR_RAY_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """``../shared/data/real`` (real sample X-rays), or skip with the reason."""

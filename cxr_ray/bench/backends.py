@@ -1,0 +1,382 @@
+"""``cxr-ray bench backends``: images/s of every inference backend on one model, same run, same input.
+
+The baseline is eager PyTorch, NCHW, fp32 on the chosen device; every other
+row gives its ratio to that baseline measured in the same process, on the same
+batch, interleaved round by round (``--rounds``) so that load from other
+processes hits all backends alike. Warm-up iterations (graph optimisation,
+``torch.compile``, allocator growth) are excluded. Each backend's output is
+compared with the baseline's (``max_abs_diff_vs_baseline``): a fast backend
+that computes something else would show here. ``best`` per batch size is
+chosen among fp32-equivalent backends only; a faster lower-precision backend
+is reported apart in ``best_lower_precision``.
+
+``--arch NAME`` benchmarks a random-initialised network of that architecture
+(speed does not depend on the weights) written to a temporary artifact;
+``--model ARTIFACT`` benchmarks a real one (its ONNX export, or a cached
+export if it has none).
+
+CPU candidates: ``torch-eager-nchw-fp32`` (baseline), ``torch-eager-cl-fp32``
+(channels_last), ``onnxruntime-cpu-fp32``; with ``--compile``
+``torch-compile-cl-fp32`` (Inductor, frozen weights); with ``--bf16``
+``torch-eager-cl-bf16`` (autocast bfloat16: NOT numerically equivalent, shown
+for reference). CUDA candidates (``--device cuda``): the baseline on the GPU,
+``torch-cuda-cl-fp16`` (autocast), ``onnxruntime-cuda-fp32`` (onnxruntime-gpu)
+and ``tensorrt-fp16`` / ``tensorrt-fp32`` (TensorRT installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BASELINE = "torch-eager-nchw-fp32"
+DEFAULT_BATCH_SIZES = "1,8,32,128"
+BENCH_CLASSES = ["covid", "normal", "pneumonia"]
+
+
+@dataclass
+class BenchContext:
+    root: Path
+    card: object  # ModelCard
+    device: str
+    num_threads: int | None
+    max_batch: int
+    _onnx: tuple[Path, str] | None = None
+
+    def onnx(self) -> tuple[Path, str]:
+        if self._onnx is None:
+            from cxr_ray.export.onnx import ensure_onnx
+
+            self._onnx = ensure_onnx(self.root, self.card)
+        return self._onnx
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    make: Callable[[BenchContext], object]
+    exact: bool = True  # computes fp32-equivalent results (False: lower precision by design)
+
+
+def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile: bool = False):
+    def make(ctx: BenchContext):
+        from cxr_ray.artifact import load_model
+        from cxr_ray.backends.torch_backend import TorchBackend
+
+        model, card = load_model(str(ctx.root))
+        return TorchBackend(
+            model, card.classes, card.image_size, device=device, precision=precision,
+            channels_last=channels_last, compile=compile, num_threads=ctx.num_threads,
+        )
+
+    return make
+
+
+def _onnxruntime(device: str):
+    def make(ctx: BenchContext):
+        from cxr_ray.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        path, sha = ctx.onnx()
+        return OnnxRuntimeBackend(
+            path, ctx.card.classes, ctx.card.image_size, device=device, num_threads=ctx.num_threads,
+            expected_sha256=sha,
+        )
+
+    return make
+
+
+def _tensorrt(precision: str):
+    def make(ctx: BenchContext):
+        from cxr_ray.backends.tensorrt_backend import TensorRTBackend
+        from cxr_ray.export.tensorrt import get_engine
+
+        path, sha = ctx.onnx()
+        record, _ = get_engine(ctx.root, ctx.card, path, sha, precision=precision, max_batch=ctx.max_batch,
+                               device=ctx.device)
+        return TensorRTBackend.from_engine_file(
+            ctx.root / record["file"], record["sha256"], ctx.card.classes, ctx.card.image_size,
+            device=ctx.device, precision=precision,
+        )
+
+    return make
+
+
+def candidates(device: str, *, compile: bool = False, bf16: bool = False) -> tuple[list[Candidate], list[dict]]:
+    """The backends to measure on ``device`` and the ones skipped here (with the reason)."""
+    skipped: list[dict] = []
+    if device == "cpu":
+        chosen = [
+            Candidate(BASELINE, _torch("cpu", channels_last=False)),
+            Candidate("torch-eager-cl-fp32", _torch("cpu", channels_last=True)),
+            Candidate("onnxruntime-cpu-fp32", _onnxruntime("cpu")),
+        ]
+        if compile:
+            chosen.append(Candidate("torch-compile-cl-fp32", _torch("cpu", channels_last=True, compile=True)))
+        if bf16:
+            chosen.append(Candidate("torch-eager-cl-bf16", _torch("cpu", channels_last=True, precision="bf16"), exact=False))
+        return chosen, skipped
+
+    import onnxruntime
+
+    from cxr_ray.export.tensorrt import tensorrt_available
+
+    chosen = [
+        Candidate(BASELINE, _torch(device, channels_last=False)),
+        Candidate("torch-cuda-cl-fp16", _torch(device, channels_last=True, precision="fp16"), exact=False),
+    ]
+    if compile:
+        chosen.append(Candidate("torch-compile-cuda-cl-fp16", _torch(device, channels_last=True, precision="fp16",
+                                                                     compile=True), exact=False))
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        chosen.append(Candidate("onnxruntime-cuda-fp32", _onnxruntime(device)))
+    else:
+        skipped.append({"backend": "onnxruntime-cuda-fp32", "reason": "onnxruntime-gpu is not installed"})
+    if tensorrt_available():
+        chosen.append(Candidate("tensorrt-fp16", _tensorrt("fp16"), exact=False))
+        chosen.append(Candidate("tensorrt-fp32", _tensorrt("fp32")))
+    else:
+        skipped.append({"backend": "tensorrt", "reason": "TensorRT is not installed (see cxr-ray export --help)"})
+    return chosen, skipped
+
+
+def _time_backend(backend, batch, *, seconds: float, warmup_s: float, min_iters: int) -> list[float]:
+    """Per-iteration wall times (s) after warm-up: at least ``min_iters``, at least ``seconds`` in total."""
+    start = time.perf_counter()
+    backend.predict(batch)  # first call: lazy init / compile / allocator growth
+    while time.perf_counter() - start < warmup_s:
+        backend.predict(batch)
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - begin < seconds:
+        t0 = time.perf_counter()
+        backend.predict(batch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from cxr_ray.backends.onnxruntime_backend import available_cpus
+
+    trt_version = None
+    if importlib.util.find_spec("tensorrt") is not None:
+        import tensorrt
+
+        trt_version = tensorrt.__version__
+    info = {
+        "cpu_count": os.cpu_count(),
+        "available_cpus": available_cpus(),
+        "cpu_model": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "tensorrt": trt_version,
+        "device": device,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def run_benchmark(
+    root: Path,
+    *,
+    batch_sizes: list[int],
+    seconds: float = 3.0,
+    warmup_s: float = 1.0,
+    min_iters: int = 2,
+    rounds: int = 1,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    compile: bool = False,
+    bf16: bool = False,
+    only: list[str] | None = None,
+    source: str = "artifact",
+) -> dict:
+    """Measure every available candidate on the artifact at ``root``; returns the report dict."""
+    import numpy as np
+
+    from cxr_ray.artifact import load_card
+
+    card = load_card(str(root))
+    info = machine_info(device)
+    chosen, skipped = candidates(device, compile=compile, bf16=bf16)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in chosen} - {s["backend"] for s in skipped})
+        if unknown:
+            from cxr_ray.errors import UsageError
+
+            raise UsageError(f"unknown backends {unknown}; here: {[c.name for c in chosen]}")
+        chosen = [c for c in chosen if c.name in only or c.name == BASELINE]
+    ctx = BenchContext(root=root, card=card, device=device, num_threads=num_threads, max_batch=max(batch_sizes))
+    backends = {}
+    for cand in chosen:
+        try:
+            backends[cand.name] = cand.make(ctx)
+        except Exception as exc:  # report, keep measuring the others
+            if cand.name == BASELINE:
+                raise
+            skipped.append({"backend": cand.name, "reason": f"{type(exc).__name__}: {exc}"})
+    exact = {c.name: c.exact for c in chosen}
+    import torch
+
+    info["torch_threads"] = torch.get_num_threads()  # after the backends applied --threads
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in batch_sizes:
+        batch = rng.standard_normal((size, 1, card.image_size, card.image_size), dtype=np.float32)
+        reference = backends[BASELINE].predict(batch)
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        per_round = seconds / rounds
+        for _ in range(rounds):
+            for name, backend in backends.items():
+                times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=warmup_s, min_iters=min_iters)
+        base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])
+        for name, backend in backends.items():
+            rate = size * len(times[name]) / sum(times[name])
+            rows.append({
+                "backend": name,
+                "batch_size": size,
+                "images_per_s": round(rate, 2),
+                "ratio_vs_baseline": round(rate / base_rate, 2),
+                "latency_ms_median": round(1000 * statistics.median(times[name]), 2),
+                "iterations": len(times[name]),
+                "max_abs_diff_vs_baseline": float(np.max(np.abs(backend.predict(batch) - reference))),
+                "fp32_equivalent": exact[name],
+            })
+    # "best" only among backends that compute the same numbers as fp32 PyTorch; lower-precision
+    # winners (bf16, fp16, TensorRT fp16) are listed apart so a speed-up is never a silent accuracy trade.
+    best, best_lower = {}, {}
+    for size in batch_sizes:
+        here = [r for r in rows if r["batch_size"] == size]
+        row = max((r for r in here if r["fp32_equivalent"]), key=lambda r: r["images_per_s"])
+        best[str(size)] = {k: row[k] for k in ("backend", "images_per_s", "ratio_vs_baseline")}
+        lower = [r for r in here if not r["fp32_equivalent"] and r["images_per_s"] > row["images_per_s"]]
+        if lower:
+            top = max(lower, key=lambda r: r["images_per_s"])
+            best_lower[str(size)] = {k: top[k] for k in ("backend", "images_per_s", "ratio_vs_baseline",
+                                                         "max_abs_diff_vs_baseline")}
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return {
+        "model": {"arch": card.arch, "image_size": card.image_size, "classes": len(card.classes),
+                  "version": card.version, "source": source},
+        "machine": info,
+        "settings": {"batch_sizes": batch_sizes, "seconds": seconds, "warmup_s": warmup_s,
+                     "min_iters": min_iters, "rounds": rounds, "num_threads": num_threads},
+        "baseline": BASELINE,
+        "results": rows,
+        "best": best,
+        "best_lower_precision": best_lower,
+        "skipped": skipped,
+    }
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "backends",
+        help="images/s of torch / ONNX Runtime / TensorRT on one model, vs eager PyTorch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="ARTIFACT", help="model artifact (local or s3://)")
+    source.add_argument("--arch", metavar="NAME", help="random-initialised network of this architecture")
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=_batch_sizes(DEFAULT_BATCH_SIZES),
+                        help=f"comma-separated (default {DEFAULT_BATCH_SIZES})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="with --arch: input size (default: the architecture's); with --model: the card's")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured time per backend and batch size")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per backend and batch size")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (spreads background load)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--backends", default=None, help="comma-separated subset (the baseline is always run)")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
+    parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast (not fp32-equivalent)")
+    parser.add_argument("--s3-endpoint", default=None)
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxr_ray.errors import UsageError
+
+    only = [name.strip() for name in args.backends.split(",")] if args.backends else None
+    common = dict(
+        batch_sizes=args.batch_sizes, seconds=args.seconds, warmup_s=args.warmup, rounds=max(1, args.rounds),
+        device=args.device, num_threads=args.threads, compile=args.compile, bf16=args.bf16, only=only,
+    )
+    if args.model:
+        from cxr_ray.artifact import load_card, localize
+
+        root = localize(args.model, args.s3_endpoint)
+        card = load_card(str(root))
+        if args.image_size is not None and args.image_size != card.image_size:
+            raise UsageError(
+                f"{args.model} takes {card.image_size} px images (its ONNX graph and preprocessing are fixed); "
+                f"got --image-size {args.image_size}"
+            )
+        report = run_benchmark(root, source="artifact", **common)
+    else:
+        import torch
+
+        from cxr_ray.artifact import new_card, save_artifact
+        from cxr_ray.models.registry import build_model, get_arch
+
+        spec = get_arch(args.arch)
+        size = args.image_size or spec.default_image_size
+        with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+            torch.manual_seed(0)
+            card = new_card(name=f"bench-{args.arch}", arch=args.arch, classes=BENCH_CLASSES, image_size=size)
+            save_artifact(tmp, build_model(args.arch, len(BENCH_CLASSES)), card)
+            from cxr_ray.export.onnx import export_onnx
+
+            export_onnx(tmp)
+            report = run_benchmark(Path(tmp), source="random-init", **common)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    sys.stdout.flush()
+    return 0
