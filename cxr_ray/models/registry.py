@@ -205,6 +205,11 @@ for _spec in (
              299, 75, torchvision_weights="Inception_V3_Weights.IMAGENET1K_V1"),
     ArchSpec("resnet50", "torchvision", _torchvision("resnet50"), "conv1", "fc", "layer4",
              224, 32, torchvision_weights="ResNet50_Weights.IMAGENET1K_V1"),
+    # Not from the source papers: a small ResNet that trains from scratch in minutes on a CPU
+    # (development, tests, quick baselines on new data).
+    ArchSpec("resnet18", "torchvision", _torchvision("resnet18"), "conv1", "fc", "layer4",
+             224, 32, torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
+             notes="small baseline for CPU runs and tests; not one of the papers' architectures"),
     ArchSpec("densenet121", "torchvision", _torchvision("densenet121"), "features.conv0", "classifier",
              "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet121_Weights.IMAGENET1K_V1"),
     ArchSpec("densenet169", "torchvision", _torchvision("densenet169"), "features.conv0", "classifier",
