@@ -69,6 +69,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to another cluster on this machine (e.g. a `ray start` test)
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=512 * 1024 * 1024,
