@@ -1,0 +1,117 @@
+"""Heatmaps for many inputs (``cxr-ray explain``): one record per input, whatever happens to it."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from cxr_ray.errors import DecodeError, UsageError
+from cxr_ray.explain.methods import Explainer
+from cxr_ray.explain.overlay import DEFAULT_ALPHA, overlay_png_bytes
+
+
+def _write(uri: str, data: bytes, s3_endpoint: str | None) -> None:
+    from cxr_ray.io.storage import open_output
+
+    with open_output(uri, "wb", s3_endpoint=s3_endpoint) as handle:
+        handle.write(data)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+class _Names:
+    """Output stems from input file names; a repeated name gets ``-2``, ``-3``... in input order."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, int] = {}
+
+    def __call__(self, uri: str) -> str:
+        base = posixpath.basename(str(uri).rstrip("/")) or "image"
+        stem = base.rsplit(".", 1)[0] if "." in base[1:] else base
+        count = self.used.get(stem, 0) + 1
+        self.used[stem] = count
+        return stem if count == 1 else f"{stem}-{count}"
+
+
+def explain_inputs(
+    model,
+    card,
+    inputs: Iterable[str],
+    out_dir: str,
+    *,
+    method: str = "gradcam",
+    target: str | int | None = None,
+    layer: str | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    s3_endpoint: str | None = None,
+) -> Iterator[dict]:
+    """Explain every file the input specs name; write ``<stem>.<method>.png`` / ``.npy`` under ``out_dir``.
+
+    Yields ``{path, status: ok, method, class, score, predicted_label, rows, cols, files}`` or
+    ``{path, status: error, error_code, error}``; a bad input never stops the run.
+    """
+    from cxr_ray.inspect import max_file_bytes
+    from cxr_ray.io.decode import decode_image
+    from cxr_ray.io.storage import expand_inputs, join, read_bytes
+    from cxr_ray.io.types import DecodePolicy
+
+    explainer = Explainer(model, card, method, layer=layer)
+    if isinstance(target, str) and target not in card.classes:
+        raise UsageError(f"--class {target!r} is not one of the model's classes: {', '.join(card.classes)}")
+    policy = DecodePolicy()
+    names = _Names()
+    for spec in inputs:
+        found = False
+        try:
+            for uri in expand_inputs(spec, s3_endpoint=s3_endpoint):
+                found = True
+                name = posixpath.basename(str(uri).rstrip("/")) or str(uri)
+                try:
+                    data = read_bytes(uri, s3_endpoint=s3_endpoint, max_bytes=max_file_bytes(policy))
+                    pixels = decode_image(data, name, policy=policy).pixels
+                except DecodeError as exc:
+                    yield _error(uri, exc)
+                    continue
+                except Exception as exc:  # unreadable: reported per file, like screening
+                    yield _error(uri, DecodeError("read_failed", _reason(name, exc)))
+                    continue
+                result = explainer.explain(pixels, target)
+                stem = f"{names(uri)}.{method}"
+                png_uri, npy_uri = join(out_dir, stem + ".png"), join(out_dir, stem + ".npy")
+                _write(png_uri, overlay_png_bytes(pixels, result.heatmap, alpha=alpha), s3_endpoint)
+                _write(npy_uri, npy_bytes(result.heatmap), s3_endpoint)
+                yield {
+                    "path": uri,
+                    "status": "ok",
+                    "method": method,
+                    "layer": result.layer,
+                    "class": result.target_class,
+                    "score": result.score,
+                    "predicted_label": max(result.probabilities, key=result.probabilities.get),
+                    "rows": int(pixels.shape[0]),
+                    "cols": int(pixels.shape[1]),
+                    "files": {"overlay": png_uri, "heatmap": npy_uri},
+                }
+        except Exception as exc:  # missing input, bad glob, unreachable bucket: report, go on
+            yield _error(str(spec), DecodeError("read_failed", _reason(spec, exc)))
+            continue
+        if not found:
+            yield _error(str(spec), DecodeError("read_failed", f"{spec}: matched no files"))
+
+
+def _reason(name: object, exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{name}: cannot be read ({exc.strerror})"
+    detail = str(exc)
+    return f"{name}: cannot be read ({type(exc).__name__}{': ' + detail if detail else ''})"
+
+
+def _error(path: str, error: DecodeError) -> dict:
+    return {"path": path, "status": "error", "error_code": error.code, "error": error.message}
