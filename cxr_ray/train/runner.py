@@ -499,6 +499,14 @@ def _training_record(cfg: TrainConfig, prep: Prepared, **more) -> dict:
 # --------------------------------------------------------------------------- one run
 
 
+def _artifact_summary(cfg: TrainConfig, prep: Prepared, card) -> dict:
+    """What every training summary says about the artifact it wrote."""
+    return {
+        "artifact": cfg.out, "name": card.name, "version": card.version, "arch": cfg.arch,
+        "mode": cfg.mode, "classes": prep.classes, "positive_class": prep.positive_class,
+    }
+
+
 def run_single(cfg: TrainConfig, prep: Prepared) -> dict:
     table = prep.table
     table["split"] = train_val_test_split(table, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
@@ -540,13 +548,7 @@ def run_single(cfg: TrainConfig, prep: Prepared) -> dict:
                "confusion": plot_report["confusion_matrix"]},
     )
     return {
-        "artifact": cfg.out,
-        "name": card.name,
-        "version": card.version,
-        "arch": cfg.arch,
-        "mode": cfg.mode,
-        "classes": prep.classes,
-        "positive_class": prep.positive_class,
+        **_artifact_summary(cfg, prep, card),
         "thresholds": thresholds,
         "test": headline(test_report),
         "val": headline(val_report),
@@ -683,13 +685,7 @@ def run_cv(cfg: TrainConfig, prep: Prepared) -> dict:
                                  metrics_doc=metrics_doc, training=training, fingerprint=fingerprint, plots=plots,
                                  extra_files={"cv_summary.json": cv_doc})
     return {
-        "artifact": cfg.out,
-        "name": card.name,
-        "version": card.version,
-        "arch": cfg.arch,
-        "mode": cfg.mode,
-        "classes": prep.classes,
-        "positive_class": prep.positive_class,
+        **_artifact_summary(cfg, prep, card),
         "folds": cfg.folds,
         "cv": _mean_std_table(summary),
         "final_model": {k: final_record[k] for k in ("trained_on", "images", "epochs", "thresholds")},
