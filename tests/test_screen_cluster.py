@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -119,6 +120,7 @@ def ray_head(tmp_path):
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         _stop_cluster(temp_dir, gcs_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_cluster(temp_dir: str, gcs_port: int) -> None:

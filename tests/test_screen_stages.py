@@ -146,3 +146,15 @@ def test_done_set_and_duplicate_removal(tmp_path, artifact, decoded):
     again = scan_parts(layout)
     assert again.rows == 15 and not again.duplicates()
     assert len(again.done_set()) == 15
+
+
+def test_an_unreadable_part_is_moved_aside_not_trusted(tmp_path, artifact, decoded):
+    predictor = Predictor(artifact, "onnxruntime", run_id="r5", device="cpu", num_threads=1)
+    out = tmp_path / "out"
+    write_batch(predictor(decoded).slice(0, 4), output=str(out))
+    (out / "parts" / "part-0000torn.parquet").write_bytes(b"PAR1 not really a parquet file")
+    scan = scan_parts(OutputLayout(str(out)))
+    assert scan.rows == 4 and len(scan.parts) == 1
+    assert [p.rsplit("/", 1)[-1] for p in scan.quarantined] == ["part-0000torn.parquet.unreadable"]
+    assert (out / "_quarantine" / "part-0000torn.parquet.unreadable").exists()
+    assert not (out / "parts" / "part-0000torn.parquet").exists()

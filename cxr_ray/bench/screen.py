@@ -163,17 +163,30 @@ class _CpuMeter:
                 total += t.user + t.system + t.children_user + t.children_system
         return total
 
+    @staticmethod
+    def _machine() -> tuple[float, float]:
+        """(busy, total) CPU seconds of the whole machine so far (all users)."""
+        psutil = importlib.import_module("psutil")
+        t = psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        return sum(t) - idle, sum(t)
+
     def __enter__(self):
-        self.start = self._total()
+        self.start, self.machine_start = self._total(), self._machine()
         return self
 
     def __exit__(self, *exc) -> None:
         self.used = self._total() - self.start
+        busy, total = self._machine()
+        self.machine_busy = (busy - self.machine_start[0]) / max(total - self.machine_start[1], 1e-9)
 
     def report(self, images: int, wall: float) -> dict:
         return {
             "core_s_per_image": self.used / max(images, 1),
+            # Our share of all cores' time, and how busy the machine was in all (us + others):
+            # share << busy ~ 1.0 means the neighbours took the rest, not that we left it idle.
             "machine_share": self.used / (wall * _cores()) if wall > 0 else None,
+            "machine_busy": self.machine_busy,
         }
 
 
@@ -249,7 +262,7 @@ def _job_config(args, artifact: str, inputs: str, output: str):
         actors=_actors(args.actors) if args.actors else None,
         cpus_per_actor=args.cpus_per_actor,
         decode_cpus=args.decode_cpus,
-        rows_per_part=1000,
+        rows_per_part=100,  # enough parts for a steady-state rate
         progress_every_s=0,
     )
 

@@ -5,7 +5,10 @@ The archive is never listed into the driver. One Ray Data read task runs
 one local directory or one manifest record batch at a time) and yields blocks
 of ``block_rows`` paths as it goes. Ray Data's streaming-generator
 back-pressure pauses the listing while downstream stages are busy, so the
-listing runs ahead of decoding by a few blocks, not by the archive.
+listing runs ahead of decoding by a few blocks, not by the archive. (Ray Data
+merges what one task yields up to ``DataContext.target_max_block_size``; the
+job sets that to 1 MiB, about 10k paths, and cuts the stream into
+decode-sized blocks right after: :func:`cxr_ray.screen.job._decode_sized_blocks`.)
 
 Resume needs to know what is already written. That set is held as
 :class:`DoneSet`: a sorted array of 16-byte BLAKE2b digests of the written

@@ -475,10 +475,11 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict:
     card = load_card(config.model, config.s3_endpoint)
     prob_columns(card.classes)  # refuse class names that collide as columns, before any work
     layout = OutputLayout(config.output, config.s3_endpoint)
-    try:
-        next(iter(expand_inputs(config.inputs, s3_endpoint=config.s3_endpoint)))
-    except StopIteration:
-        raise UsageError(f"no inputs in {config.inputs}") from None
+    for spec in config.inputs:  # fail now, not in the middle of the run, if one names nothing
+        try:
+            next(iter(expand_inputs(spec, s3_endpoint=config.s3_endpoint)))
+        except StopIteration:
+            raise UsageError(f"no inputs in {spec}") from None
 
     scan = scan_parts(layout)
     _check_resume(scan, card, config.output)

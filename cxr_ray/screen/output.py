@@ -5,7 +5,7 @@ Layout under ``OUTPUT`` (a local directory or an ``s3://`` prefix)::
     parts/part-<digest>.parquet   the rows, one file per written batch
     _runs/<run_id>.json           one record per run (counts, throughput, model)
     _runs/<run_id>.listing.json   what that run's listing saw
-    _quarantine/                  parts found unreadable on resume (kept for a look)
+    _quarantine/*.unreadable      parts found unreadable on resume (kept for a look)
     _summary.json                 counts over ALL rows, rewritten by every run
     _SUCCESS                      written last, only when every input has a row
 
@@ -120,8 +120,9 @@ class OutputLayout:
                 yield from pool.map(one, paths[start : start + window])
 
     def quarantine(self, path: str) -> str:
-        """Move an unreadable part aside (never deleted: it may be worth a look)."""
-        target = self._path(QUARANTINE_DIR, posixpath.basename(path))
+        """Move an unreadable part aside (never deleted: it may be worth a look). The new name
+        does not end in ``.parquet``, so ``OUTPUT/**/*.parquet`` readers do not trip on it."""
+        target = self._path(QUARANTINE_DIR, posixpath.basename(path) + ".unreadable")
         self.fs.makedirs(self._path(QUARANTINE_DIR), exist_ok=True)
         self.fs.mv(path, target)
         return target
