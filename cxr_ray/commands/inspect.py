@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from cxr_ray.errors import UsageError
+from cxr_ray.io.pseudonym import key_from_env
 
 
 def add_parser(subparsers) -> None:
@@ -46,22 +45,10 @@ def add_parser(subparsers) -> None:
     )
 
 
-def pseudonym_key_from_env(variable: str | None) -> bytes | None:
-    """The key named by ``--pseudonym-key-env`` (never taken from the command line itself)."""
-    if not variable:
-        return None
-    value = os.environ.get(variable)
-    if not value:
-        raise UsageError(
-            f"--pseudonym-key-env {variable}: that environment variable is not set or is empty"
-        )
-    return value.encode("utf-8")
-
-
 def run(args: argparse.Namespace) -> int:
     from cxr_ray.inspect import inspect_inputs
 
-    key = pseudonym_key_from_env(args.pseudonym_key_env)
+    key = key_from_env(args.pseudonym_key_env)
     out = sys.stdout
     for record in inspect_inputs(args.inputs, pseudonym_key=key, s3_endpoint=args.s3_endpoint):
         out.write(json.dumps(record) + "\n")

@@ -20,6 +20,7 @@ import json
 import os
 
 from cxr_ray.errors import UsageError
+from cxr_ray.ray_session import connect  # noqa: F401  (also used by evaluate and bench train)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,26 +120,6 @@ def config_from_args(args: argparse.Namespace):
         pseudonym_key_env=args.pseudonym_key_env, n_bootstrap=args.n_bootstrap, fail_after_epoch=fail,
         quiet=args.quiet,
     )
-
-
-def connect(address: str | None = None) -> bool:
-    """Join Ray: already initialised (tests, notebooks) > ``address`` > RAY_ADDRESS / inside a job > local.
-
-    Returns True when this call initialised Ray.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address="auto")
-    else:
-        # "local": always a new embedded Ray; a bare ray.init() would attach to any
-        # cluster already running on this machine (another user's, on a shared box).
-        ray.init(address="local", include_dashboard=False)
-    return True
 
 
 def quiet_ray_data() -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+
+from cxr_ray.errors import UsageError
 
 
 def pseudonymize(value: str, key: bytes) -> str:
@@ -33,3 +36,16 @@ def pseudonym_or_none(value: object, key: bytes | None) -> str | None:
     if not text:
         return None
     return pseudonymize(text, key)
+
+
+def key_from_env(variable: str | None) -> bytes | None:
+    """The key named by ``--pseudonym-key-env``: never taken from the command line itself."""
+    if not variable:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise UsageError(
+            f"--pseudonym-key-env {variable}: that environment variable is unset or empty; "
+            "export the operator's pseudonym key in it (the key itself is never passed on the command line)"
+        )
+    return value.encode("utf-8")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -41,8 +40,10 @@ import ray
 
 from cxr_ray.artifact import ModelCard, load_card
 from cxr_ray.errors import CxrRayError, UsageError
+from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.io.types import DecodePolicy
+from cxr_ray.ray_session import connect
 from cxr_ray.screen.inputs import DoneSet, InputListing, listing_stats_name, path_digests
 from cxr_ray.screen.output import RUNS_DIR, SUMMARY_FILE, OutputLayout
 from cxr_ray.screen.schema import STATUS_ERROR, WORKER_CRASHED, output_schema, prob_columns
@@ -102,37 +103,6 @@ class ScreenConfig:
 
 
 # --------------------------------------------------------------------------- cluster
-
-
-def connect(address: str | None = None) -> bool:
-    """Join a Ray cluster; True when this call initialised Ray (the caller shuts it down).
-
-    Order: an already initialised Ray (tests, notebooks); ``address``;
-    ``RAY_ADDRESS`` or running inside a Ray job -> ``address="auto"``;
-    otherwise a local embedded Ray on this machine (no dashboard: start one
-    with ``ray start --head`` and pass ``--address`` to get it).
-    """
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address="auto")
-    else:
-        ray.init(address="local", include_dashboard=False)  # never join a stray cluster by accident
-    return True
-
-
-def _pseudonym_key(env_name: str | None) -> bytes | None:
-    if not env_name:
-        return None
-    value = os.environ.get(env_name)
-    if not value:
-        raise UsageError(
-            f"--pseudonym-key-env {env_name}: that environment variable is unset or empty; "
-            "export the operator's pseudonym key in it (the key itself is never passed on the command line)"
-        )
-    return value.encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -471,7 +441,7 @@ def _model_record(card: ModelCard) -> dict:
 def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict:
     """Screen ``config.inputs`` into ``config.output``; returns the run summary (also written)."""
     stream = stream or sys.stderr
-    key = _pseudonym_key(config.pseudonym_key_env)
+    key = key_from_env(config.pseudonym_key_env)
     card = load_card(config.model, config.s3_endpoint)
     prob_columns(card.classes)  # refuse class names that collide as columns, before any work
     layout = OutputLayout(config.output, config.s3_endpoint)
