@@ -11,9 +11,14 @@ import torch
 from cxr_ray.artifact import ONNX_FILE, load_model, new_card, save_artifact
 from cxr_ray.backends.base import Backend
 from cxr_ray.backends.onnxruntime_backend import OnnxRuntimeBackend
-from cxr_ray.backends.select import BACKEND_NAMES, load_backend, resolve_backend_name
-from cxr_ray.backends.torch_backend import TorchBackend
-from cxr_ray.errors import ArtifactError, BackendUnavailableError
+from cxr_ray.backends.select import (
+    BACKEND_NAMES,
+    REDUCED_PRECISION_ATOL,
+    load_backend,
+    resolve_backend_name,
+)
+from cxr_ray.backends.torch_backend import TorchBackend, cpu_has_native_bf16
+from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
 from cxr_ray.export.onnx import export_onnx
 from cxr_ray.models.registry import build_model
 
@@ -171,3 +176,53 @@ def test_torch_cuda_fp16_agrees(artifact, reference):
     backend = load_backend(str(artifact), "torch", device="cuda", precision="fp16")
     batch = batch_of(4, seed=2)
     np.testing.assert_allclose(backend.predict(batch), reference(batch), atol=1e-2, rtol=0)
+
+
+# ---------------------------------------------------------------- precision policy
+
+NATIVE_BF16 = pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU has no AVX512-BF16 / AMX: bf16 is refused here (tested below)"
+)
+
+
+def test_unsupported_precision_pairs_are_usage_errors(artifact):
+    with pytest.raises(UsageError, match="onnxruntime runs fp32 only"):
+        load_backend(str(artifact), "onnxruntime", device="cpu", precision="bf16")
+    with pytest.raises(UsageError, match="fp16 on the CPU is slower"):
+        load_backend(str(artifact), "torch", device="cpu", precision="fp16")
+    with pytest.raises(UsageError, match="int8 needs a calibrated TensorRT engine"):
+        load_backend(str(artifact), "torch", device="cpu", precision="int8")
+    with pytest.raises(UsageError, match="valid: auto, fp32, fp16, bf16, int8"):
+        load_backend(str(artifact), "auto", device="cpu", precision="fp8")
+
+
+def test_auto_precision_is_fp32_on_the_cpu(artifact, reference):
+    backend = load_backend(str(artifact), "torch", device="cpu")
+    assert backend.precision == "fp32" and backend.label == "torch"
+    batch = batch_of(2, seed=9)
+    np.testing.assert_allclose(backend.predict(batch), reference(batch), atol=ATOL, rtol=0)
+
+
+@NATIVE_BF16
+def test_bf16_on_the_cpu_is_torch_checked_against_fp32(artifact, reference):
+    backend = load_backend(str(artifact), "auto", device="cpu", precision="bf16")
+    assert backend.name == "torch" and backend.precision == "bf16" and backend.label == "torch-bf16"
+    diff = backend.describe()["verified_max_abs_diff_vs_fp32"]
+    assert 0 < diff <= REDUCED_PRECISION_ATOL  # bf16 is not exact, and within the accepted tolerance
+    batch = batch_of(3, seed=4)
+    np.testing.assert_allclose(backend.predict(batch), reference(batch), atol=REDUCED_PRECISION_ATOL, rtol=0)
+
+
+@pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has bf16 instructions: the refusal cannot happen here")
+def test_bf16_is_refused_where_it_would_be_emulated(artifact):
+    with pytest.raises(BackendUnavailableError, match="would be emulated"):
+        load_backend(str(artifact), "auto", device="cpu", precision="bf16")
+
+
+def test_reduced_precision_above_tolerance_is_refused(artifact):
+    model, card = load_model(str(artifact))
+    bf16 = TorchBackend(model, card.classes, card.image_size, precision="bf16")  # emulated or native: same check
+    with pytest.raises(BackendUnavailableError, match=r"differs from fp32 by .* use precision fp32"):
+        bf16.verify_against_fp32(atol=0.0)
+    fp32 = TorchBackend(model, card.classes, card.image_size)
+    assert fp32.verify_against_fp32(atol=0.0) == 0.0  # nothing to compare: fp32 is the reference

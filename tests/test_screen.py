@@ -15,7 +15,8 @@ import pytest
 from _screen_testing import CLASSES, expected_status, make_archive, make_artifact, read_rows
 
 from cxr_ray.artifact import load_card
-from cxr_ray.backends.select import load_backend
+from cxr_ray.backends.select import REDUCED_PRECISION_ATOL, load_backend
+from cxr_ray.backends.torch_backend import cpu_has_native_bf16
 from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image
 from cxr_ray.preprocess import preprocess
@@ -194,8 +195,21 @@ def test_bad_usage_fails_before_any_work(ray_cluster, artifact, tmp_path):
 
 def test_layout_defaults():
     cpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 8.0})
-    assert cpu.actors == (8, 8) and cpu.threads_per_actor == 1 and cpu.cpus_per_actor == cpu.decode_cpus == 0.5
+    assert cpu.actors == (8, 8) and cpu.threads_per_actor == 1 and cpu.cpus_per_actor == 0.5 and cpu.decode_cpus == 0.25
     gpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 16.0, "GPU": 4.0})
     assert gpu.actors == (1, 4) and gpu.gpus_per_actor == 1.0 and gpu.decode_cpus == 1.0
     half = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", gpus_per_actor=0.5), {"CPU": 16.0, "GPU": 2.0})
     assert half.actors == (1, 4)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no AVX512-BF16 / AMX: --precision bf16 is refused")
+def test_bf16_opt_in_records_its_backend_and_stays_close_to_fp32(ray_cluster, archive, artifact, screened, tmp_path):
+    root, _ = archive
+    out = tmp_path / "bf16"
+    summary = run_screen(_config(artifact, [str(root / "labels.csv")], out, backend="auto", precision="bf16"))
+    rows = read_rows(out).set_index("path")
+    fp32 = read_rows(screened[0]).set_index("path")
+    ok = rows.index[rows["status"] == "ok"]
+    assert summary["backend"] == "torch-bf16" and set(rows.loc[ok, "backend"]) == {"torch-bf16"}
+    assert list(ok.sort_values()) == sorted(fp32.index[fp32["status"] == "ok"])
+    np.testing.assert_allclose(rows.loc[ok, PROBS].to_numpy(), fp32.loc[ok, PROBS].to_numpy(), atol=REDUCED_PRECISION_ATOL)

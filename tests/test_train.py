@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from cxr_ray import cli
 from cxr_ray.artifact import load_model
@@ -101,6 +102,18 @@ def test_a_short_run_learns_and_writes_the_artifact(trained, phantoms):
     assert {"train_loss", "val_loss", "val_accuracy", "lr"} <= set(history[0])
     assert metrics["test"]["binary"]["threshold"] == card["thresholds"]["positive"]  # val-chosen, applied to test
 
+    # heatmaps.png: Grad-CAM of the predicted class on 2 validation images per class, a row per class
+    assert "heatmaps.png" in summary["files"]
+    grid = metrics["heatmaps"]
+    assert grid["images"] == "validation images" and grid["method"] == "gradcam"
+    assert grid["per_class"] == {"covid": 2, "normal": 2, "pneumonia": 2} and len(grid["cells"]) == 6
+    assert [c["label"] for c in grid["cells"]] == ["covid", "covid", "normal", "normal", "pneumonia", "pneumonia"]
+    assert all(c["explained"] == c["predicted"] for c in grid["cells"])
+    with Image.open(out / "heatmaps.png") as image:
+        image.load()
+        assert image.format == "PNG"
+        assert abs(image.size[0] - 520) <= 1 and abs(image.size[1] - 870) <= 1  # 2 columns x 3 rows of 2.6 x 2.9 in
+
 
 @pytest.mark.slow
 def test_artifact_round_trips_to_identical_outputs(trained):
@@ -150,6 +163,9 @@ def test_evaluate_writes_the_report_of_its_predictions(trained, ray_cluster, tmp
     assert written["report"] == json.loads(json.dumps(expected))
     assert written["model"]["threshold"] == card.threshold
     assert (tmp_path / "eval" / "roc.png").is_file() and (tmp_path / "eval" / "confusion.png").is_file()
+    assert "heatmaps.png" in summary["files"] and written["heatmaps"]["per_class"] == {c: 2 for c in card.classes}
+    with Image.open(tmp_path / "eval" / "heatmaps.png") as image:
+        assert image.format == "PNG"
 
     # the predictions are the artifact's own: decode -> preprocess -> model, as serving does
     config = card.preprocess_config
@@ -201,6 +217,23 @@ def test_cv_is_interrupted_then_resumed_without_repeating_epochs(ray_cluster, tm
     model, card = load_model(str(out))
     assert card.metrics["cv"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
     assert os.path.isdir(storage / f"{card.training['run']['run_name']}")
+
+
+def test_a_heatmap_grid_that_cannot_be_drawn_is_a_warning_not_a_failure(tmp_path, caplog):
+    from cxr_ray.artifact import new_card
+    from cxr_ray.models.registry import build_model
+    from cxr_ray.train.evaluation import pick_samples, write_heatmap_grid
+
+    card = new_card(name="m", arch="resnet18", classes=["covid", "normal"], image_size=32, positive_class="covid")
+    model = build_model("resnet18", 2).eval()
+    frame = pd.DataFrame({"row_id": [3, 1, 2, 0], "path": ["c3", "c1", "n2", "n0"],
+                          "label_name": ["covid", "covid", "normal", "normal"]})
+    assert pick_samples(frame, card.classes, per_class=1) == [("c1", "covid"), ("n0", "normal")]
+    with caplog.at_level("WARNING"):
+        result = write_heatmap_grid(model, card, [(str(tmp_path / "gone.png"), "covid")], str(tmp_path / "grid.png"),
+                                    what="validation images")
+    assert result == {"error": "ValueError: none of the 1 sample images could be read"}
+    assert not (tmp_path / "grid.png").exists() and "heatmap grid not written" in caplog.text
 
 
 def test_bad_usage_exits_2_before_starting_ray(tmp_path):

@@ -46,5 +46,11 @@ class Backend(ABC):
             )
         return batch
 
+    @property
+    def label(self) -> str:
+        """What outputs record as the backend: the name, plus the precision when it is not fp32."""
+        precision = getattr(self, "precision", None)
+        return self.name if precision in (None, "fp32") else f"{self.name}-{precision}"
+
     def describe(self) -> dict:
         return {"backend": self.name, "input": self.input_spec.shape, "classes": self.classes}

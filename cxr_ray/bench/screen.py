@@ -61,10 +61,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use the first N inputs")
     parser.add_argument("--backend", default="auto", help="backend of the Ray job (default: auto)")
     parser.add_argument(
-        "--batch-size", type=int, default=16, help="predict batch size (job and baseline)"
+        "--precision",
+        default="auto",
+        help="precision of the Ray job (default: auto = fp32 on CPU); bf16 also adds torch bf16 to the bound's candidates",
     )
     parser.add_argument(
-        "--decode-batch-size", type=int, default=8, help="files per decode task in the job"
+        "--batch-size", type=int, default=32, help="predict batch size (job and baseline; default: the job's 32)"
+    )
+    parser.add_argument(
+        "--decode-batch-size", type=int, default=16, help="files per decode task in the job (default: the job's 16)"
     )
     parser.add_argument(
         "--actors",
@@ -218,8 +223,14 @@ def decode_cost(paths: list[str], preprocessing: dict, chunk: int = 8) -> dict:
     }
 
 
-def backend_costs(artifact: str, image_size: int, batch_size: int, batches: int) -> dict:
-    """CPU seconds per image of each backend that loads here, one thread, fp32 on CPU."""
+def backend_costs(
+    artifact: str, image_size: int, batch_size: int, batches: int, precision: str = "auto"
+) -> dict:
+    """CPU seconds per image of each backend that loads here, one thread, on CPU.
+
+    fp32 engines always; with a reduced ``precision`` the torch backend at that
+    precision too (its max difference from fp32, checked at load, is reported).
+    """
     import numpy as np
 
     from cxr_ray.backends.select import load_backend
@@ -227,11 +238,17 @@ def backend_costs(artifact: str, image_size: int, batch_size: int, batches: int)
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((batch_size, 1, image_size, image_size)).astype(np.float32)
     out = {}
-    for name in ("onnxruntime", "torch"):
+    engines = [("onnxruntime", "fp32"), ("torch", "fp32")]
+    if precision not in ("auto", "fp32"):
+        engines.append(("torch", precision))
+    for name, engine_precision in engines:
+        label = name if engine_precision == "fp32" else f"{name}-{engine_precision}"
         try:
-            backend = load_backend(artifact, name, device="cpu", num_threads=1)
+            backend = load_backend(
+                artifact, name, device="cpu", precision=engine_precision, num_threads=1
+            )
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         backend.predict(batch)  # warm-up: allocations, kernel selection
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -239,7 +256,10 @@ def backend_costs(artifact: str, image_size: int, batch_size: int, batches: int)
             backend.predict(batch)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         n = batches * batch_size
-        out[name] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}
+        out[label] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}
+        diff = backend.describe().get("verified_max_abs_diff_vs_fp32")
+        if diff is not None and engine_precision != "fp32":
+            out[label]["max_abs_diff_vs_fp32"] = diff
         del backend
     return out
 
@@ -257,6 +277,7 @@ def _job_config(args, artifact: str, inputs: str, output: str):
         inputs=[inputs],
         output=output,
         backend=args.backend,
+        precision=args.precision,
         batch_size=args.batch_size,
         decode_batch_size=args.decode_batch_size,
         actors=_actors(args.actors) if args.actors else None,
@@ -508,7 +529,9 @@ def run(args: argparse.Namespace) -> int:
         report["inputs"] = len(paths)
 
         decode = decode_cost(paths[: args.decode_sample], card.preprocessing)
-        backends = backend_costs(artifact, card.image_size, args.batch_size, args.backend_batches)
+        backends = backend_costs(
+            artifact, card.image_size, args.batch_size, args.backend_batches, args.precision
+        )
         costs = {
             name: b["core_s_per_image"] for name, b in backends.items() if "core_s_per_image" in b
         }

@@ -67,6 +67,10 @@ def add_parser(subparsers) -> None:
         "--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"]
     )
     parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+        help="backend precision (default auto: fp16 on GPUs, fp32 on CPUs)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="backend intra-op threads (default: all cores)"
     )
     parser.add_argument(
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 requests=args.requests,
                 concurrency=concurrency,
                 backend=args.backend,
+                precision=args.precision,
                 threads=args.threads or os.cpu_count() or 1,
                 max_batch_size=args.max_batch_size,
                 batch_wait_s=args.batch_wait_ms / 1000,
@@ -197,7 +202,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def local_timings(
-    model: str, image: bytes, *, backend: str, threads: int, repeats: int = 30
+    model: str, image: bytes, *, backend: str, threads: int, precision: str = "auto", repeats: int = 30
 ) -> dict:
     """decode + preprocess and one-image predict, in this process (medians, ms)."""
     from cxr_ray.artifact import load_card
@@ -214,11 +219,11 @@ def local_timings(
         )
 
     tensor = decode()[None]
-    engine = load_backend(model, backend, num_threads=threads)
+    engine = load_backend(model, backend, precision=precision, num_threads=threads)
     return {
         "decode_ms": _median_ms(decode, repeats),
         "model_ms": _median_ms(lambda: engine.predict(tensor), repeats),
-        "backend": engine.name,
+        "backend": engine.label,
         "arch": card.arch,
         "image_size": card.image_size,
     }
@@ -279,8 +284,8 @@ async def _load(url: str, image: bytes, *, requests: int, concurrency: int) -> d
     }
 
 
-def _target(model: str, *, batching: bool, backend: str, threads: int, max_batch_size: int,
-            batch_wait_s: float):
+def _target(model: str, *, batching: bool, backend: str, precision: str, threads: int,
+            max_batch_size: int, batch_wait_s: float):
     """One mode as its own Serve app on ``/bench-batched`` or ``/bench-unbatched``."""
     from ray import serve
 
@@ -289,7 +294,7 @@ def _target(model: str, *, batching: bool, backend: str, threads: int, max_batch
 
     mode = "batched" if batching else "unbatched"
     args = ServeArgs(
-        model=model, backend=backend, num_threads=threads, batching=batching,
+        model=model, backend=backend, precision=precision, num_threads=threads, batching=batching,
         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s, explain=False,
         ingress=DeploymentArgs(num_replicas=1, max_ongoing_requests=256, max_queued_requests=1024,
                                ray_actor_options={"num_cpus": 0}),
@@ -340,18 +345,19 @@ def bench_serve(
     requests: int = 200,
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY,
     backend: str = "auto",
+    precision: str = "auto",
     threads: int = 1,
     max_batch_size: int = 16,
     batch_wait_s: float = 0.005,
 ) -> dict:
     """The whole benchmark (Ray must be initialised); returns the JSON document."""
     clock = time.perf_counter()
-    local = local_timings(model, image, backend=backend, threads=threads)
+    local = local_timings(model, image, backend=backend, threads=threads, precision=precision)
     wall = {"local_timings": round(time.perf_counter() - clock, 1)}
     port = start_serve("127.0.0.1", 0)
     from ray import serve
 
-    options = dict(backend=backend, threads=threads, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
+    options = dict(backend=backend, precision=precision, threads=threads, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
     targets = {mode: _target(model, batching=mode == "batched", **options) for mode in ("batched", "unbatched")}
     # Both apps start together (replica start-up is most of the wall time), then are
     # measured one after the other; the idle one costs memory, not CPU.

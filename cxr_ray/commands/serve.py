@@ -35,6 +35,10 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--device", default=None, help="backend device, e.g. cuda:0 (default: the backend's choice)")
     parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+        help="auto: fp16 on GPUs, fp32 on CPUs; bf16: opt-in on CPUs with AVX512-BF16 / AMX (torch, checked vs fp32)",
+    )
+    parser.add_argument(
         "--api-key-env", default=None, metavar="VAR",
         help="require the header X-API-Key equal to the value of this environment variable",
     )
@@ -69,6 +73,7 @@ def build_args(args: argparse.Namespace):
         return ServeArgs(
             model=args.model,
             backend=args.backend,
+            precision=args.precision,
             device=args.device,
             s3_endpoint=args.s3_endpoint,
             api_key_env=args.api_key_env,

@@ -110,6 +110,7 @@ def heatmap_grid(
     layer: str | None = None,
     alpha: float = DEFAULT_ALPHA,
     cmap: str = DEFAULT_CMAP,
+    title: str | None = None,
     s3_endpoint: str | None = None,
 ) -> dict:
     """One PNG: a row per class, up to ``per_class`` of its samples, each with its heatmap.
@@ -118,6 +119,7 @@ def heatmap_grid(
     name or index, typically validation images; the first ``per_class`` of each
     class are drawn. ``target`` chooses the class each heatmap explains:
     ``"predicted"`` (default), ``"label"`` (the sample's own class) or a class name.
+    ``title`` replaces the default figure title (model name, arch, method).
     Returns a summary (path, per-class counts, what each cell shows).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -164,7 +166,7 @@ def heatmap_grid(
             cells.append(
                 {"label": name, "predicted": predicted, "explained": result.target_class, "score": result.score}
             )
-    figure.suptitle(f"{card.name} ({card.arch}) {method} heatmaps", fontsize=10)
+    figure.suptitle(title or f"{card.name} ({card.arch}) {method} heatmaps", fontsize=10)
     figure.tight_layout()
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)

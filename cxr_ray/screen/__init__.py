@@ -5,6 +5,7 @@ is the library entry point; ``cxr-ray screen`` and ``jobs/screen.py`` wrap it.
 Modules, one job each: :mod:`~cxr_ray.screen.schema` (output columns and
 status codes), :mod:`~cxr_ray.screen.inputs` (streaming listing, resume set),
 :mod:`~cxr_ray.screen.stages` (decode / predict / write callables),
+:mod:`~cxr_ray.screen.heatmaps` (the optional overlays of flagged rows),
 :mod:`~cxr_ray.screen.output` (the output prefix and atomic parts),
 :mod:`~cxr_ray.screen.summary` (what is written: resume set, duplicates,
 counts), :mod:`~cxr_ray.screen.job` (the pipeline, recovery and summary).

@@ -6,6 +6,7 @@
       -> repartition       blocks of ``decode_batch_size`` paths
       -> decode_batch      CPU tasks: read bytes, decode, preprocess (one row per input, errors included)
       -> Predictor         actor pool, one backend per actor, GPUs when there are any
+     [-> HeatmapWriter     only with heatmaps="flagged": actor pool, overlay PNG per flagged row]
       -> write_batch       one atomic, content-addressed Parquet part per ``rows_per_part`` rows
       -> driver            counts the parts' stats rows, prints progress, then checks and summarises
 
@@ -39,11 +40,13 @@ import pyarrow.compute as pc
 import ray
 
 from cxr_ray.artifact import ModelCard, load_card
+from cxr_ray.backends.select import PRECISION_NAMES
 from cxr_ray.errors import CxrRayError, UsageError
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.ray_session import connect
+from cxr_ray.screen.heatmaps import HEATMAP_MODES, HeatmapWriter, check_heatmaps, stage_arguments
 from cxr_ray.screen.inputs import DoneSet, InputListing, listing_stats_name, path_digests
 from cxr_ray.screen.output import RUNS_DIR, SUMMARY_FILE, OutputLayout
 from cxr_ray.screen.schema import STATUS_ERROR, WORKER_CRASHED, output_schema, prob_columns
@@ -69,6 +72,7 @@ class ScreenConfig:
     inputs: list[str]
     output: str
     backend: str = "auto"
+    precision: str = "auto"  # fp16 on GPUs, fp32 on CPUs; "bf16" opts in on CPUs with bf16 instructions
     batch_size: int = 32  # rows per predict call
     actors: tuple[int, int] | None = None  # (min, max); None: derived from the cluster
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -84,6 +88,8 @@ class ScreenConfig:
     max_task_retries: int = 3  # retries of a decode task / predict batch whose worker died
     progress_every_s: float = 15.0
     policy: DecodePolicy = field(default_factory=DecodePolicy)
+    heatmaps: str = "none"  # "flagged": an overlay PNG (+ .npy) per flagged row under OUTPUT/_heatmaps/
+    heatmap_method: str = "gradcam"  # or "lrp" (vgg19, densenet*, resnet18, resnet50)
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str):
@@ -100,6 +106,10 @@ class ScreenConfig:
         for name in ("cpus_per_actor", "decode_cpus"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.heatmaps not in HEATMAP_MODES:
+            raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {self.heatmaps!r}")
+        if self.precision not in PRECISION_NAMES:
+            raise UsageError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISION_NAMES)}")
 
 
 # --------------------------------------------------------------------------- cluster
@@ -126,17 +136,20 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
     their cost ratio depends on the model and the files, so no static split
     is right. Every core runs one single-threaded predict actor (independent
     actors scale better than intra-op threads on small batches) asking for
-    0.5 logical CPU, and decode tasks ask for 0.5 too: Ray admits up to two
-    busy processes per core and the OS shares each core between them, while
-    Ray Data's back-pressure stops decode tasks once the predict queue is full.
-    Measured with ``cxr-ray bench screen``.
+    0.5 logical CPU, and decode tasks ask for 0.25: Ray admits a few busy
+    processes per core and the OS shares each core between them, while Ray
+    Data's back-pressure stops decode tasks once the predict queue is full.
+    Decode tasks at 0.5 CPU were held to one at a time by Ray Data's resource
+    budget (the actors hold the other half), which starved one of two actors:
+    ``cxr-ray bench screen`` on 2 cores, densenet121 bf16, steady state 0.70
+    of the machine bound at 0.5 vs 0.87 at 0.25.
     """
     gpus = float(cluster.get("GPU", 0))
     cpus = max(1.0, float(cluster.get("CPU", 1)))
     gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
     on_gpu = gpus_per_actor > 0
     cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if on_gpu else 0.5)
-    decode_cpus = config.decode_cpus if config.decode_cpus is not None else (1.0 if on_gpu else 0.5)
+    decode_cpus = config.decode_cpus if config.decode_cpus is not None else (1.0 if on_gpu else 0.25)
     threads = max(1, round(cpus_per_actor)) if config.cpus_per_actor is not None or on_gpu else 1
     if config.actors is not None:
         actors = tuple(config.actors)
@@ -321,12 +334,17 @@ def _run_pass(
                     "backend": config.backend,
                     "run_id": run_id,
                     "device": None if gpus_per_actor > 0 else "cpu",  # None: the GPU Ray assigned
+                    "precision": config.precision,
                     "num_threads": layout_.threads_per_actor,
                     "s3_endpoint": config.s3_endpoint,
                 },
                 **predictor_args,
             )
-            .map_batches(
+        )
+        if config.heatmaps != "none":  # overlays for flagged rows, between predicting and writing
+            ds = ds.map_batches(HeatmapWriter, **stage_arguments(config, layout.uri, layout_, ray.cluster_resources()))
+        ds = (
+            ds.map_batches(
                 write_batch,
                 batch_size=config.rows_per_part,
                 batch_format="pyarrow",
@@ -444,6 +462,7 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict:
     key = key_from_env(config.pseudonym_key_env)
     card = load_card(config.model, config.s3_endpoint)
     prob_columns(card.classes)  # refuse class names that collide as columns, before any work
+    check_heatmaps(card, config.heatmaps, config.heatmap_method)  # and heatmaps this model cannot have
     layout = OutputLayout(config.output, config.s3_endpoint)
     for spec in config.inputs:  # fail now, not in the middle of the run, if one names nothing
         try:

@@ -3,11 +3,15 @@
 Layout under ``OUTPUT`` (a local directory or an ``s3://`` prefix)::
 
     parts/part-<digest>.parquet   the rows, one file per written batch
+    _heatmaps/<digest>.<method>.png  (and .npy) overlays of flagged rows, with --heatmaps flagged
     _runs/<run_id>.json           one record per run (counts, throughput, model)
     _runs/<run_id>.listing.json   what that run's listing saw
     _quarantine/*.unreadable      parts found unreadable on resume (kept for a look)
     _summary.json                 counts over ALL rows, rewritten by every run
     _SUCCESS                      written last, only when every input has a row
+
+Everything but ``parts/`` starts with ``_``, which pyarrow, pandas and Spark skip
+when they read ``OUTPUT`` as a dataset: ``pd.read_parquet(OUTPUT)`` gets the rows only.
 
 Safety rules the resume logic depends on:
 
@@ -37,6 +41,7 @@ from cxr_ray.io.storage import get_filesystem, is_remote, join, open_output, to_
 PARTS_DIR = "parts"
 RUNS_DIR = "_runs"
 QUARANTINE_DIR = "_quarantine"
+HEATMAPS_DIR = "_heatmaps"  # not "heatmaps": readers of OUTPUT would try the PNGs as Parquet
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
 PART_PREFIX = "part-"

@@ -80,6 +80,9 @@ META_FIELDS = [
 ]
 META_COLUMNS = [f.name for f in META_FIELDS]
 PIXELS = "pixels"
+# Always in the output (null unless the heatmap stage wrote an overlay), so runs with
+# and without heatmaps write one schema and resume into each other.
+HEATMAP_PATH = "heatmap_path"
 
 
 def decoded_schema(image_size: int) -> pa.Schema:
@@ -101,6 +104,7 @@ def output_schema(classes: list[str]) -> pa.Schema:
     fields += [
         pa.field("score", pa.float32()),
         pa.field("flagged", pa.bool_()),
+        pa.field(HEATMAP_PATH, pa.string()),  # overlay PNG of a flagged row (--heatmaps flagged), else null
         pa.field("threshold", pa.float32()),
         pa.field("model_name", pa.string()),
         pa.field("model_version", pa.string()),

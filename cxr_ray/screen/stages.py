@@ -27,6 +27,7 @@ from cxr_ray.io.storage import read_bytes
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.preprocess import PreprocessConfig, preprocess
 from cxr_ray.screen.schema import (
+    HEATMAP_PATH,
     INFERENCE_FAILED,
     MAX_ERROR_CHARS,
     META_COLUMNS,
@@ -139,6 +140,7 @@ class Predictor:
         *,
         run_id: str,
         device: str | None = None,
+        precision: str = "auto",
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
     ) -> None:
@@ -148,9 +150,9 @@ class Predictor:
         self.card = load_card(artifact, s3_endpoint)
         if backend == "auto" and device != "cpu":
             # On a GPU actor, "auto" without TensorRT means torch on CUDA, not ONNX Runtime on the CPU.
-            backend = "tensorrt" if resolve_backend_name("auto", device) == "tensorrt" else "torch"
+            backend = "tensorrt" if resolve_backend_name("auto", device, precision) == "tensorrt" else "torch"
         self.backend = load_backend(
-            artifact, backend, device=device, num_threads=num_threads, s3_endpoint=s3_endpoint
+            artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint
         )
         self.run_id = run_id
         self.image_size = self.card.image_size
@@ -232,10 +234,11 @@ class Predictor:
         else:
             columns["score"] = pa.nulls(n, pa.float32())
             columns["flagged"] = pa.nulls(n, pa.bool_())
+        columns[HEATMAP_PATH] = pa.nulls(n, pa.string())  # filled by the heatmap stage, when there is one
         columns["threshold"] = pa.array(np.full(n, self.threshold, np.float32), pa.float32())
         columns["model_name"] = pa.array([self.card.name] * n, pa.string())
         columns["model_version"] = pa.array([self.card.version] * n, pa.string())
-        columns["backend"] = pa.array([self.backend.name] * n, pa.string())
+        columns["backend"] = pa.array([self.backend.label] * n, pa.string())
         columns["run_id"] = pa.array([self.run_id] * n, pa.string())
         columns["screened_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
         for name in ("patient_pseudonym", "study_pseudonym", "instance_pseudonym", "warnings"):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from cxr_ray.io.types import DecodePolicy
 
 BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 
 
 class AutoscalingArgs(BaseModel):
@@ -105,6 +106,8 @@ class ServeArgs(BaseModel):
 
     model: str = Field(description="model artifact directory: local path or s3:// URI")
     backend: BackendName = "auto"
+    # auto: fp16 on GPUs, fp32 on CPUs; bf16 opts in on CPUs with bf16 instructions (see load_backend)
+    precision: PrecisionName = "auto"
     device: str | None = None  # e.g. "cuda:0"; None = backend's choice
     num_threads: PositiveInt | None = None  # intra-op threads of the backend
     s3_endpoint: str | None = None

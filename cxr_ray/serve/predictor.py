@@ -38,7 +38,8 @@ class CxrPredictor:
         self.artifact = str(localize(self.args.model, self.args.s3_endpoint))
         self.card = load_card(self.artifact)
         self.backend = load_backend(
-            self.artifact, self.args.backend, device=self.args.device, num_threads=self.args.num_threads
+            self.artifact, self.args.backend, device=self.args.device, precision=self.args.precision,
+            num_threads=self.args.num_threads,
         )
         self._torch_model = None
         self._explainers: dict[str, Any] = {}
@@ -107,7 +108,7 @@ class CxrPredictor:
         from dataclasses import asdict
 
         out = card_summary(asdict(self.card))
-        out["backend"] = self.backend.name
+        out["backend"] = self.backend.label
         out["batching"] = {
             "enabled": self.args.batching,
             "max_batch_size": self.args.max_batch_size,

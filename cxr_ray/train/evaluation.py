@@ -1,4 +1,5 @@
-"""Evaluate a model artifact on a labelled set: metrics.json, predictions.csv and plots.
+"""Evaluate a model artifact on a labelled set: metrics.json, predictions.csv and plots
+(ROC, confusion matrix, and ``heatmaps.png``: Grad-CAM on a few images per class).
 
 The data are listed, decoded and preprocessed exactly as for training
 (:mod:`cxr_ray.train.ingest`, the artifact's own preprocessing), predicted on
@@ -12,6 +13,7 @@ operating threshold (the one chosen on validation data at training time).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +22,65 @@ import numpy as np
 import pandas as pd
 
 from cxr_ray.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+HEATMAP_GRID_FILE = "heatmaps.png"
+HEATMAPS_PER_CLASS = 2  # a handful of images: Grad-CAM costs a backward pass each
+GRID_DECODE_SIZE = 512  # decode hint for grid images: a figure cell is ~260 px wide
+
+
+def pick_samples(frame: pd.DataFrame, classes: list[str], per_class: int = HEATMAPS_PER_CLASS) -> list[tuple[str, str]]:
+    """``(path, class)`` of the first ``per_class`` rows of each class (by ``row_id`` when present):
+    the same images every time for the same data."""
+    if "row_id" in frame.columns:
+        frame = frame.sort_values("row_id")
+    out: list[tuple[str, str]] = []
+    for name in classes:
+        rows = frame[frame["label_name"] == name].head(per_class)
+        out += [(str(path), name) for path in rows["path"]]
+    return out
+
+
+def write_heatmap_grid(
+    model,
+    card,
+    samples: list[tuple[str, str]],
+    path: str,
+    *,
+    what: str,
+    s3_endpoint: str | None = None,
+    per_class: int = HEATMAPS_PER_CLASS,
+) -> dict:
+    """``heatmaps.png`` for a report: Grad-CAM of the predicted class on ``samples`` (a row per
+    class, each panel titled with its true and predicted class); ``what`` says which images
+    they are (figure title, and ``images`` in the returned record).
+
+    A report is worth having without it: any failure is logged as a warning and returned as
+    ``{"error": ...}``, never raised. An image that no longer decodes is left out.
+    """
+    from cxr_ray.explain.overlay import heatmap_grid
+    from cxr_ray.io.decode import decode_image
+    from cxr_ray.io.storage import read_bytes
+
+    try:
+        images = []
+        for uri, label in samples:
+            try:
+                data = read_bytes(uri, s3_endpoint=s3_endpoint)
+                target = max(GRID_DECODE_SIZE, card.image_size)
+                images.append((decode_image(data, os.path.basename(uri), target_size=target).pixels, label))
+            except Exception as exc:  # noqa: BLE001 - one unreadable image: a gap in the grid
+                log.warning("heatmap grid: an image was left out (%s)", type(exc).__name__)
+        if not images:
+            raise ValueError(f"none of the {len(samples)} sample images could be read")
+        summary = heatmap_grid(model, card, images, path, method="gradcam", per_class=per_class,
+                               target="predicted", title=f"{card.name} ({card.arch}): Grad-CAM of the predicted class, {what}")
+    except Exception as exc:  # noqa: BLE001 - the grid is optional; the report is not
+        log.warning("heatmap grid not written: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"file": HEATMAP_GRID_FILE, "method": "gradcam", "target": "predicted class", "images": what,
+            "per_class": summary["per_class"], "cells": summary["cells"]}
 
 
 def evaluate_artifact(
@@ -88,6 +149,9 @@ def evaluate_artifact(
     remote = is_remote(out)
     local = tempfile.mkdtemp(prefix="cxr-evaluate-") if remote else os.path.abspath(os.path.expanduser(out))
     os.makedirs(local, exist_ok=True)
+    document["heatmaps"] = write_heatmap_grid(model, card, pick_samples(rows.reset_index(), list(card.classes)),
+                                              os.path.join(local, HEATMAP_GRID_FILE), what="evaluated images",
+                                              s3_endpoint=s3_endpoint)
     with open(os.path.join(local, "metrics.json"), "w") as handle:
         json.dump(document, handle, indent=2, sort_keys=True)
     predictions.to_csv(os.path.join(local, "predictions.csv"), index=False, float_format="%.9g")
@@ -108,6 +172,7 @@ def evaluate_artifact(
         "evaluated": int(len(ok)),
         "undecodable": document["data"]["undecodable"],
         "metrics": headline(report),
-        "files": ["metrics.json", "predictions.csv", "roc.png", "confusion.png"],
+        "files": ["metrics.json", "predictions.csv", "roc.png", "confusion.png"]
+        + ([] if "error" in document["heatmaps"] else [HEATMAP_GRID_FILE]),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -437,12 +437,19 @@ def _write_outputs(
     fingerprint: str,
     plots: dict,
     extra_files: dict | None = None,
+    heatmap_samples: tuple[str, list[tuple[str, str]]] | None = None,
 ):
-    """Artifact (save_artifact) + metrics.json + PNG plots (+ extra JSON files) at ``cfg.out``."""
+    """Artifact (save_artifact) + metrics.json + PNG plots (+ extra JSON files) at ``cfg.out``.
+
+    ``heatmap_samples``: ``(what they are, [(path, class), ...])`` for ``heatmaps.png``, a
+    Grad-CAM grid (:func:`~cxr_ray.train.evaluation.write_heatmap_grid`); when it cannot be
+    drawn, a warning and ``metrics.json["heatmaps"]["error"]``, never a failed run.
+    """
     from cxr_ray.artifact import new_card, save_artifact
     from cxr_ray.evaluate.plots import plot_confusion, plot_roc, plot_training_curves
     from cxr_ray.io.storage import get_filesystem, is_remote
     from cxr_ray.models.registry import build_model
+    from cxr_ray.train.evaluation import HEATMAP_GRID_FILE, write_heatmap_grid
 
     model = build_model(cfg.arch, len(prep.classes))
     model.load_state_dict(state)
@@ -456,6 +463,12 @@ def _write_outputs(
     files = ["model.safetensors", "model.json", "metrics.json"]
     doc = {**metrics_doc, "model": {"name": card.name, "version": card.version, "arch": card.arch,
                                     "classes": card.classes, "positive_class": card.positive_class}}
+    if heatmap_samples is not None:
+        what, samples = heatmap_samples
+        doc["heatmaps"] = write_heatmap_grid(model, card, samples, os.path.join(local, HEATMAP_GRID_FILE), what=what,
+                                             s3_endpoint=cfg.s3_endpoint)
+        if "error" in doc["heatmaps"]:
+            _log(f"warning: {HEATMAP_GRID_FILE} not written ({doc['heatmaps']['error']})", cfg)
     _write_json(os.path.join(local, "metrics.json"), doc)
     for filename, content in (extra_files or {}).items():
         _write_json(os.path.join(local, filename), content)
@@ -465,11 +478,21 @@ def _write_outputs(
     if plots.get("labels") is not None and len(plots["labels"]):
         files.append(os.path.basename(plot_roc(plots["labels"], plots["probs"], prep.classes, os.path.join(local, "roc.png"))))
         files.append(os.path.basename(plot_confusion(plots["confusion"], prep.classes, os.path.join(local, "confusion.png"))))
+    if "error" not in doc.get("heatmaps", {"error": None}):
+        files.append(HEATMAP_GRID_FILE)
     if remote:
         fs, root = get_filesystem(cfg.out, cfg.s3_endpoint)
         fs.put(local.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
         shutil.rmtree(local, ignore_errors=True)
     return card, files
+
+
+def _heatmap_samples(prep: Prepared, row_ids: np.ndarray, what: str) -> tuple[str, list[tuple[str, str]]]:
+    """``(what, [(path, class), ...])``: the first images of each class among ``row_ids``."""
+    from cxr_ray.train.evaluation import pick_samples
+
+    rows = prep.table[prep.table["row_id"].isin(np.asarray(row_ids, dtype=np.int64))]
+    return what, pick_samples(rows, prep.classes)
 
 
 def _write_json(path: str, content: dict) -> None:
@@ -546,6 +569,7 @@ def run_single(cfg: TrainConfig, prep: Prepared) -> dict:
         training=training, fingerprint=fingerprint,
         plots={"history": outcome.history, "labels": plot_labels, "probs": plot_probs,
                "confusion": plot_report["confusion_matrix"]},
+        heatmap_samples=_heatmap_samples(prep, ids["val"], "validation images"),
     )
     return {
         **_artifact_summary(cfg, prep, card),
@@ -683,7 +707,10 @@ def run_cv(cfg: TrainConfig, prep: Prepared) -> dict:
         plots.update(labels=test_labels, probs=test_probs, confusion=test_report["confusion_matrix"])
     card, files = _write_outputs(cfg, prep, final.best_state, thresholds=final_threshold, card_metrics=card_metrics,
                                  metrics_doc=metrics_doc, training=training, fingerprint=fingerprint, plots=plots,
-                                 extra_files={"cv_summary.json": cv_doc})
+                                 extra_files={"cv_summary.json": cv_doc},
+                                 heatmap_samples=(_heatmap_samples(prep, test_ids, "held-out test images")
+                                                  if len(test_ids) else
+                                                  _heatmap_samples(prep, dev_ids, "training images (no test split)")))
     return {
         **_artifact_summary(cfg, prep, card),
         "folds": cfg.folds,
