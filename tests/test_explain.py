@@ -148,6 +148,14 @@ def test_layer_defaults_come_from_the_registry_and_can_be_overridden(densenet):
         Explainer(model, card, "gradcam", layer="features.nope")
 
 
+def test_lrp_at_a_container_layer_names_the_layers_it_can_read_instead():
+    model, card = _model("resnet18", 64)
+    with pytest.raises(ValueError, match=r"'layer3' is a Sequential of several.*its last: layer3\.1\.add"):
+        Explainer(model, card, "lrp", layer="layer3")
+    stage = explain(model, card, _image(), method="lrp", layer="layer3.1.add")  # the stage's residual sum
+    assert stage.layer == "layer3.1.add" and stage.heatmap.shape == (90, 70)
+
+
 @pytest.mark.parametrize("method", ["gradcam", "lrp"])
 def test_callers_model_is_left_untouched(densenet, method):
     model, card = densenet

@@ -307,6 +307,18 @@ class Explainer:
             raise UnknownLayerError(
                 f"{card.arch} has no layer {self.layer!r} (for {method}); e.g. {', '.join(names)}, ..."
             ) from None
+        if method == "lrp" and next(self._layer_module.children(), None) is not None:
+            # Captum's LayerLRP reads relevance off the propagation rule of ONE layer; a container
+            # (a ResNet stage, a dense block) has none and Captum fails with an AttributeError.
+            from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
+
+            ruled = tuple(SUPPORTED_LAYERS_WITH_RULES)
+            leaves = [f"{self.layer}.{n}" for n, m in self._layer_module.named_modules() if n and isinstance(m, ruled)]
+            raise UnknownLayerError(
+                f"LRP reads relevance at a single layer with a propagation rule; {self.layer!r} is a "
+                f"{type(self._layer_module).__name__} of several. Pick one inside it, e.g. its last: "
+                f"{', '.join(reversed(leaves[-3:]))}"
+            )
 
     def resolve_target(self, target: str | int | None, probabilities: np.ndarray) -> int:
         classes = self.card.classes
