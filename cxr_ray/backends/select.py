@@ -37,7 +37,8 @@ PRECISION_NAMES = ("auto", "fp32", "fp16", "bf16", "int8")
 REDUCED_PRECISION_ATOL = 2e-2
 
 
-def _check_precision(precision: str) -> None:
+def check_precision(precision: str) -> None:
+    """Refuse a precision name no backend knows (a :class:`UsageError` naming the valid ones)."""
     if precision not in PRECISION_NAMES:
         raise UsageError(f"unknown precision {precision!r}; valid: {', '.join(PRECISION_NAMES)}")
 
@@ -82,7 +83,7 @@ def load_backend(
     """
     from cxr_ray.artifact import load_card, localize
 
-    _check_precision(precision)
+    check_precision(precision)
     requested = name
     name = resolve_backend_name(name, device, precision)
     root = localize(artifact_uri, s3_endpoint)

@@ -242,13 +242,13 @@ def backend_costs(
     if precision not in ("auto", "fp32"):
         engines.append(("torch", precision))
     for name, engine_precision in engines:
-        label = name if engine_precision == "fp32" else f"{name}-{engine_precision}"
         try:
             backend = load_backend(
                 artifact, name, device="cpu", precision=engine_precision, num_threads=1
             )
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
-            out[label] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = name if engine_precision == "fp32" else f"{name}-{engine_precision}"
+            out[failed] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         backend.predict(batch)  # warm-up: allocations, kernel selection
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -256,6 +256,7 @@ def backend_costs(
             backend.predict(batch)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         n = batches * batch_size
+        label = backend.label
         out[label] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}
         diff = backend.describe().get("verified_max_abs_diff_vs_fp32")
         if diff is not None and engine_precision != "fp32":

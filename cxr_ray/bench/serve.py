@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_ray.backends.select import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
 
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -64,10 +65,10 @@ def add_parser(subparsers) -> None:
         "--image", default=None, help="request image (default: a synthetic 512x512 8-bit PNG)"
     )
     parser.add_argument(
-        "--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"]
+        "--backend", default="auto", choices=BACKEND_NAMES
     )
     parser.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+        "--precision", default="auto", choices=PRECISION_NAMES,
         help="backend precision (default auto: fp16 on GPUs, fp32 on CPUs)",
     )
     parser.add_argument(

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+from cxr_ray.backends.select import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
 
 APP_NAME = "cxr-ray"
@@ -31,11 +32,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument(
-        "--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"], help="inference backend"
+        "--backend", default="auto", choices=BACKEND_NAMES, help="inference backend"
     )
     parser.add_argument("--device", default=None, help="backend device, e.g. cuda:0 (default: the backend's choice)")
     parser.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+        "--precision", default="auto", choices=PRECISION_NAMES,
         help="auto: fp16 on GPUs, fp32 on CPUs; bf16: opt-in on CPUs with AVX512-BF16 / AMX (torch, checked vs fp32)",
     )
     parser.add_argument(

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 HEATMAP_MODES = ("none", "flagged")
 
 
+def check_heatmap_mode(mode: str) -> None:
+    if mode not in HEATMAP_MODES:
+        raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {mode!r}")
+
+
 def check_heatmaps(card, mode: str, method: str) -> None:
     """Refuse, before any work, heatmaps this model cannot have.
 
@@ -48,8 +53,7 @@ def check_heatmaps(card, mode: str, method: str) -> None:
     (architecture, method) pair the explainers do not support, and
     :class:`UsageError` for a model without a positive class (nothing is flagged).
     """
-    if mode not in HEATMAP_MODES:
-        raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {mode!r}")
+    check_heatmap_mode(mode)
     if mode == "none":
         return
     from cxr_ray.explain.methods import check_supported

@@ -40,13 +40,18 @@ import pyarrow.compute as pc
 import ray
 
 from cxr_ray.artifact import ModelCard, load_card
-from cxr_ray.backends.select import PRECISION_NAMES
+from cxr_ray.backends.select import check_precision
 from cxr_ray.errors import CxrRayError, UsageError
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.ray_session import connect
-from cxr_ray.screen.heatmaps import HEATMAP_MODES, HeatmapWriter, check_heatmaps, stage_arguments
+from cxr_ray.screen.heatmaps import (
+    HeatmapWriter,
+    check_heatmap_mode,
+    check_heatmaps,
+    stage_arguments,
+)
 from cxr_ray.screen.inputs import DoneSet, InputListing, listing_stats_name, path_digests
 from cxr_ray.screen.output import RUNS_DIR, SUMMARY_FILE, OutputLayout
 from cxr_ray.screen.schema import STATUS_ERROR, WORKER_CRASHED, output_schema, prob_columns
@@ -106,10 +111,8 @@ class ScreenConfig:
         for name in ("cpus_per_actor", "decode_cpus"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.heatmaps not in HEATMAP_MODES:
-            raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {self.heatmaps!r}")
-        if self.precision not in PRECISION_NAMES:
-            raise UsageError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISION_NAMES)}")
+        check_heatmap_mode(self.heatmaps)
+        check_precision(self.precision)
 
 
 # --------------------------------------------------------------------------- cluster
