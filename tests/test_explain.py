@@ -140,7 +140,9 @@ def test_layer_defaults_come_from_the_registry_and_can_be_overridden(densenet):
     assert explain(model, card, _image(), method="lrp").layer == "features.transition2.pool"
     pixel_level = explain(model, card, _image(), method="lrp", layer=spec.first_conv)
     assert pixel_level.layer == "features.conv0" and pixel_level.heatmap.shape == (90, 70)
-    assert default_layer("vgg19", "lrp") == get_arch("vgg19").first_conv
+    assert default_layer("vgg19", "lrp") == "features.18"  # block-3 pool, see methods.py
+    assert default_layer("resnet18", "lrp") == get_arch("resnet18").first_conv
+    assert default_layer("vgg19", "gradcam") == "features.35"  # the last conv's ReLU, not the conv
     assert default_layer("resnet50", "gradcam") == get_arch("resnet50").gradcam_layer
     fine = explain(model, card, _image(), layer="features.denseblock3")
     assert fine.layer == "features.denseblock3" and fine.heatmap.shape == (90, 70)

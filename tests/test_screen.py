@@ -195,7 +195,7 @@ def test_bad_usage_fails_before_any_work(ray_cluster, artifact, tmp_path):
 
 def test_layout_defaults():
     cpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 8.0})
-    assert cpu.actors == (8, 8) and cpu.threads_per_actor == 1 and cpu.cpus_per_actor == 0.5 and cpu.decode_cpus == 0.25
+    assert cpu.actors == (8, 8) and cpu.threads_per_actor == 1 and cpu.cpus_per_actor == 0.25 and cpu.decode_cpus == 0.25
     gpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 16.0, "GPU": 4.0})
     assert gpu.actors == (1, 4) and gpu.gpus_per_actor == 1.0 and gpu.decode_cpus == 1.0
     half = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", gpus_per_actor=0.5), {"CPU": 16.0, "GPU": 2.0})

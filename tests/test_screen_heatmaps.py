@@ -178,11 +178,14 @@ def test_heatmap_actors_ask_for_a_cpu_only_where_one_is_left():
     from cxr_ray.screen.job import plan_layout
 
     config = ScreenConfig(model="m", inputs=["i"], output="o", heatmaps="flagged")
-    for cpus, want in ((8.0, 0.5), (2.0, 0.5), (1.0, 0)):
+    for cpus, want in ((8.0, 0.25), (2.0, 0.25), (1.0, 0.25)):
         plan = plan_layout(config, {"CPU": cpus})
         args = stage_arguments(config, "o", plan, {"CPU": cpus})
         assert args["num_cpus"] == want, cpus
         assert args["fn_constructor_kwargs"]["heatmaps"] == os.path.join(os.path.abspath("o"), "_heatmaps")
+    # A one-CPU machine whose predict actor (0.5) and decode task (0.25) leave no CPU for another actor.
+    full = ScreenConfig(model="m", inputs=["i"], output="o", heatmaps="flagged", cpus_per_actor=0.5)
+    assert stage_arguments(full, "o", plan_layout(full, {"CPU": 1.0}), {"CPU": 1.0})["num_cpus"] == 0
     gpu = plan_layout(config, {"CPU": 16.0, "GPU": 2.0})
     assert stage_arguments(config, "s3://b/o", gpu, {"CPU": 16.0, "GPU": 2.0})["num_cpus"] == 1.0
 

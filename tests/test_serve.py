@@ -302,3 +302,50 @@ def test_logs_carry_request_ids_but_no_patient_identifiers(client, samples):
     assert "error_code=lateral_view" in text
     leaked = [i for i in identifiers if i in text]
     assert not leaked, f"patient identifiers in Serve logs: {leaked}"
+
+
+# ------------------------------------------------------------------ the split topology
+
+
+@pytest.fixture(scope="module")
+def split_server(ray_cluster, artifact):
+    """The same model as ``server`` in the split layout: decoding ingress -> model deployment."""
+    from ray import serve
+
+    args = ServeArgs(
+        model=str(artifact),
+        topology="split",
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+        ingress=DeploymentArgs(num_replicas=1, max_ongoing_requests=64, max_queued_requests=64,
+                               ray_actor_options={"num_cpus": 0}),
+        predictor=DeploymentArgs(num_replicas=1, max_ongoing_requests=16, max_queued_requests=32,
+                                 ray_actor_options={"num_cpus": 0}),
+    )
+    url = deploy(args, name=f"{APP}-split", route_prefix="/split")
+    yield url
+    serve.delete(f"{APP}-split")
+
+
+def test_split_topology_answers_the_same_and_batches(split_server, server, artifact, samples):
+    from ray import serve
+
+    deployments = set(serve.status().applications[f"{APP}-split"].deployments)
+    assert deployments == {"CxrIngress", "CxrPredictor"}, deployments
+    assert set(serve.status().applications[APP].deployments) == {"CxrIngress"}  # fused: one deployment
+    with httpx.Client(base_url=split_server, timeout=120) as client:
+        for fmt, (_, content_type) in SAMPLES.items():
+            response = client.post("/v1/predict", content=samples[fmt], headers={"Content-Type": content_type})
+            assert response.status_code == 200, response.text
+            got = [response.json()["probabilities"][c] for c in CLASSES]
+            np.testing.assert_allclose(got, reference_probabilities(artifact, samples[fmt]), rtol=1e-5, atol=1e-6)
+        explained = client.post("/v1/predict?explain=gradcam", content=samples["png"], headers={"Content-Type": "image/png"})
+        assert explained.status_code == 200 and explained.json()["heatmap_png_base64"]
+    seen: list[int] = []
+    for _ in range(3):
+        responses = asyncio.run(_post_concurrently(split_server, samples["png"], 8, 8))
+        assert all(r.status_code == 200 for r in responses)
+        seen += [r.json()["batch_size"] for r in responses]
+        if max(seen) > 1:
+            break
+    assert 1 < max(seen) <= 8, seen

@@ -39,6 +39,7 @@ def test_serve_yaml_validates_and_its_import_path_builds_an_application():
     assert isinstance(built, Application)
     args = ServeArgs.model_validate(app.args)
     assert args.api_key_env and args.batching and args.predictor.max_ongoing_requests >= args.max_batch_size
+    assert args.topology == "split"  # GPU cluster: decode replicas in front of GPU model replicas
     assert args.predictor.autoscaling and args.ingress.autoscaling
     assert args.predictor.max_queued_requests > 0 and args.ingress.max_queued_requests > 0
     assert args.layering_problems() == []  # overload is shed by the predictor: JSON 503s
@@ -75,8 +76,14 @@ def test_serve_args_refuse_bad_values_by_name():
         DeploymentArgs(autoscaling={"min_replicas": 3, "max_replicas": 2})
     with pytest.raises(ValidationError, match="max_body_md"):
         ServeArgs.model_validate({"model": "m", "max_body_md": 3})  # typo: extra fields are refused
-    tight_ingress = ServeArgs(model="m", ingress=DeploymentArgs(max_ongoing_requests=8))
-    assert any("plain-text 503" in p for p in tight_ingress.layering_problems())
+    with pytest.raises(ValidationError, match="topology"):
+        ServeArgs(model="m", topology="mesh")
+    assert ServeArgs(model="m").topology == "fused" and ServeArgs(model="m").layering_problems() == []
+    for topology in ("fused", "split"):
+        tight_ingress = ServeArgs(model="m", topology=topology, ingress=DeploymentArgs(max_ongoing_requests=8))
+        assert any("plain-text 503" in p for p in tight_ingress.layering_problems()), topology
+    # Fused: the batch fills inside the ingress replica, so its own limit must admit one.
+    assert any("never fill" in p for p in ServeArgs(model="m", ingress=DeploymentArgs(max_ongoing_requests=4)).layering_problems())
     options = DeploymentArgs(num_replicas=2, max_ongoing_requests=4, max_queued_requests=8).serve_options()
     assert options == {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 8, "ray_actor_options": {}}
 
@@ -99,6 +106,14 @@ def test_serve_cli_flags_parse(monkeypatch, tmp_path):
     assert (serve_args.backend, serve_args.max_body_mb, serve_args.batching) == ("onnxruntime", 8.0, False)
     assert "s3cret" not in serve_args.model_dump_json()  # the key never enters the config
     assert serve_args.layering_problems() == []
+    # Default fused: the replicas that answer HTTP hold the model and its resources.
+    fused = build_args(parser.parse_args(["serve", "--model", str(tmp_path), "--replicas", "2",
+                                          "--gpus-per-replica", "1"]))
+    assert fused.topology == "fused" and fused.ingress.num_replicas == 2
+    assert fused.ingress.ray_actor_options == {"num_cpus": 1, "num_gpus": 1.0} and fused.layering_problems() == []
+    split = build_args(parser.parse_args(["serve", "--model", str(tmp_path), "--replicas", "2", "--topology", "split"]))
+    assert (split.topology, split.ingress.num_replicas, split.predictor.num_replicas) == ("split", 1, 2)
+    assert split.layering_problems() == []
     assert any("-F file=@" in c for c in curl_examples("http://127.0.0.1:8123", "CXR_TEST_KEY"))
 
 

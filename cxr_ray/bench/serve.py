@@ -4,6 +4,10 @@ One run measures, on the same machine and image:
 
 * ``decode_ms`` / ``model_ms``: in this process, ``decode_image + preprocess``
   of the request image and ``Backend.predict`` of one image (medians);
+* ``batching_ceiling``: the backend's time per image in a batch of one over
+  its time per image in a full batch (``max_batch_size``), i.e. the most any
+  batching policy can gain on this hardware when the model is the bottleneck
+  (GPUs: several x; CPUs: little, their cost per image barely drops);
 * per mode (``batched``: ``@serve.batch`` on; ``unbatched``: one backend call
   per request), the same app deployed on a loopback Serve proxy in turn:
   single-request latency (sequential, p50 / p95) and throughput at 1, 4 and
@@ -78,7 +82,11 @@ def add_parser(subparsers) -> None:
         "--max-batch-size", type=int, default=16, help="batched mode: max batch (default 16)"
     )
     parser.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="batched mode: max wait (default 5)"
+        "--batch-wait-ms", type=float, default=0.0, help="batched mode: max wait (default 0, as cxr-ray serve)"
+    )
+    parser.add_argument(
+        "--topology", default="fused", choices=("fused", "split"),
+        help="serve app layout (default fused: decode and model in one replica)",
     )
     parser.add_argument(
         "--concurrency",
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 threads=args.threads or os.cpu_count() or 1,
                 max_batch_size=args.max_batch_size,
                 batch_wait_s=args.batch_wait_ms / 1000,
+                topology=args.topology,
             )
     finally:
         if owns_ray:
@@ -203,9 +212,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def local_timings(
-    model: str, image: bytes, *, backend: str, threads: int, precision: str = "auto", repeats: int = 30
+    model: str, image: bytes, *, backend: str, threads: int, precision: str = "auto", repeats: int = 30,
+    max_batch_size: int = 16,
 ) -> dict:
-    """decode + preprocess and one-image predict, in this process (medians, ms)."""
+    """decode + preprocess, one-image predict and full-batch predict, in this process (medians, ms)."""
     from cxr_ray.artifact import load_card
     from cxr_ray.backends.select import load_backend
     from cxr_ray.io.decode import decode_image
@@ -221,9 +231,14 @@ def local_timings(
 
     tensor = decode()[None]
     engine = load_backend(model, backend, precision=precision, num_threads=threads)
+    full = np.repeat(tensor, max_batch_size, axis=0)
+    model_ms = _median_ms(lambda: engine.predict(tensor), repeats)
+    full_ms = _median_ms(lambda: engine.predict(full), max(3, repeats // max_batch_size))
     return {
         "decode_ms": _median_ms(decode, repeats),
-        "model_ms": _median_ms(lambda: engine.predict(tensor), repeats),
+        "model_ms": model_ms,
+        "model_ms_per_image_at_max_batch": round(full_ms / max_batch_size, 3),
+        "batching_ceiling": round(model_ms / (full_ms / max_batch_size), 2),
         "backend": engine.label,
         "arch": card.arch,
         "image_size": card.image_size,
@@ -286,7 +301,7 @@ async def _load(url: str, image: bytes, *, requests: int, concurrency: int) -> d
 
 
 def _target(model: str, *, batching: bool, backend: str, precision: str, threads: int,
-            max_batch_size: int, batch_wait_s: float):
+            max_batch_size: int, batch_wait_s: float, topology: str = "fused"):
     """One mode as its own Serve app on ``/bench-batched`` or ``/bench-unbatched``."""
     from ray import serve
 
@@ -296,7 +311,7 @@ def _target(model: str, *, batching: bool, backend: str, precision: str, threads
     mode = "batched" if batching else "unbatched"
     args = ServeArgs(
         model=model, backend=backend, precision=precision, num_threads=threads, batching=batching,
-        max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s, explain=False,
+        max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s, explain=False, topology=topology,
         ingress=DeploymentArgs(num_replicas=1, max_ongoing_requests=256, max_queued_requests=1024,
                                ray_actor_options={"num_cpus": 0}),
         predictor=DeploymentArgs(num_replicas=1, max_ongoing_requests=max(64, 2 * max_batch_size),
@@ -349,16 +364,19 @@ def bench_serve(
     precision: str = "auto",
     threads: int = 1,
     max_batch_size: int = 16,
-    batch_wait_s: float = 0.005,
+    batch_wait_s: float = 0.0,
+    topology: str = "fused",
 ) -> dict:
     """The whole benchmark (Ray must be initialised); returns the JSON document."""
     clock = time.perf_counter()
-    local = local_timings(model, image, backend=backend, threads=threads, precision=precision)
+    local = local_timings(model, image, backend=backend, threads=threads, precision=precision,
+                          max_batch_size=max_batch_size)
     wall = {"local_timings": round(time.perf_counter() - clock, 1)}
     port = start_serve("127.0.0.1", 0)
     from ray import serve
 
-    options = dict(backend=backend, precision=precision, threads=threads, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
+    options = dict(backend=backend, precision=precision, threads=threads, max_batch_size=max_batch_size,
+                   batch_wait_s=batch_wait_s, topology=topology)
     targets = {mode: _target(model, batching=mode == "batched", **options) for mode in ("batched", "unbatched")}
     # Both apps start together (replica start-up is most of the wall time), then are
     # measured one after the other; the idle one costs memory, not CPU.
@@ -399,9 +417,12 @@ def bench_serve(
         "request": {"bytes": len(image), "content_type": "image/png"},
         "requests_per_measurement": requests,
         "wall_s": wall,
+        "topology": topology,
         "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
         "decode_ms": local["decode_ms"],
         "model_ms": local["model_ms"],
+        "model_ms_per_image_at_max_batch": local["model_ms_per_image_at_max_batch"],
+        "batching_ceiling": local["batching_ceiling"],
         "modes": modes,
         "checks": {
             "budget_ms (decode + model + 20)": budget,

@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
         metavar="NAME",
         default=None,
         help="module path the map is read at (default: the architecture's Grad-CAM layer from "
-        "the registry; for LRP the first convolution, features.transition2.pool on DenseNet); "
+        "the registry; for LRP the first convolution, features.transition2.pool on DenseNet, "
+        "features.18 on VGG-19); "
         "e.g. features.denseblock3 for a "
         "finer Grad-CAM on small inputs",
     )

@@ -46,9 +46,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted body (default 64 MB)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: largest batch (default 16)")
     parser.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait to fill a batch (default 5)"
+        "--batch-wait-ms", type=float, default=0.0,
+        help="dynamic batching: longest wait to fill a batch (default 0: batch what queued during the last one)"
     )
     parser.add_argument("--no-batching", action="store_true", help="predict each request on its own")
+    parser.add_argument(
+        "--topology", default="fused", choices=("fused", "split"),
+        help="fused (default): each replica decodes and predicts, one hop per request (CPU nodes, one machine); "
+        "split: decoding replicas in front of model replicas (GPU clusters)",
+    )
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (fixed; default 1)")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (default 0)")
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL for s3:// artifacts (e.g. MinIO)")
@@ -67,6 +73,7 @@ def build_args(args: argparse.Namespace):
     if args.api_key_env and not args.address and not os.environ.get(args.api_key_env):
         raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     try:
+        fused = args.topology == "fused"
         model_options = {"num_cpus": 1}
         predictor_ongoing = max(32, 2 * args.max_batch_size)  # a batch fills while one runs
         if args.gpus_per_replica:
@@ -85,9 +92,12 @@ def build_args(args: argparse.Namespace):
             # The key is read from the environment of the ingress replica: a local Ray
             # started here inherits this shell's; on a cluster (--address) the variable
             # must be set on its nodes (e.g. from a Kubernetes Secret), never in a config.
+            topology=args.topology,
+            # fused: these replicas hold the model too (its resources, one per model replica).
             ingress=DeploymentArgs(
-                num_replicas=1, max_ongoing_requests=predictor_ongoing * args.replicas + 64, max_queued_requests=64,
-                ray_actor_options={"num_cpus": 0.5},
+                num_replicas=args.replicas if fused else 1,
+                max_ongoing_requests=predictor_ongoing * (1 if fused else args.replicas) + 64, max_queued_requests=64,
+                ray_actor_options=model_options if fused else {"num_cpus": 0.5},
             ),
             predictor=DeploymentArgs(
                 num_replicas=args.replicas, max_ongoing_requests=predictor_ongoing,

@@ -138,20 +138,27 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
     CPU-only clusters: inference and decoding compete for the same cores and
     their cost ratio depends on the model and the files, so no static split
     is right. Every core runs one single-threaded predict actor (independent
-    actors scale better than intra-op threads on small batches) asking for
-    0.5 logical CPU, and decode tasks ask for 0.25: Ray admits a few busy
+    actors scale better than intra-op threads on small batches), and actors
+    and decode tasks each ask for 0.25 logical CPU: Ray admits a few busy
     processes per core and the OS shares each core between them, while Ray
     Data's back-pressure stops decode tasks once the predict queue is full.
-    Decode tasks at 0.5 CPU were held to one at a time by Ray Data's resource
-    budget (the actors hold the other half), which starved one of two actors:
-    ``cxr-ray bench screen`` on 2 cores, densenet121 bf16, steady state 0.70
-    of the machine bound at 0.5 vs 0.87 at 0.25.
+
+    Why 0.25 for the actors too: Ray Data 2.60 sizes its CPU budget from what
+    its autoscaling coordinator reserves, i.e. the bundles its rate model asks
+    for plus the cluster's leftover CPUs, and the leftover is split with floor
+    division, so a fractional leftover is lost. With actors at 0.5 on 2 cores
+    (1.0) plus the one decode bundle the rate model asked for (0.25), the 0.75
+    left over was dropped: a budget of 1.25 CPU, one decode task at a time,
+    and the predict queue ran dry (``Predictor: Tasks: 1; Actors: 2`` in Ray
+    Data's progress log). ``cxr-ray bench screen`` on 2 cores, densenet121 bf16,
+    3,600 files: 178.9 s at 0.5, 150-155 s at 0.25, whose budget never falls
+    below 3 concurrent decode tasks.
     """
     gpus = float(cluster.get("GPU", 0))
     cpus = max(1.0, float(cluster.get("CPU", 1)))
     gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
     on_gpu = gpus_per_actor > 0
-    cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if on_gpu else 0.5)
+    cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if on_gpu else 0.25)
     decode_cpus = config.decode_cpus if config.decode_cpus is not None else (1.0 if on_gpu else 0.25)
     threads = max(1, round(cpus_per_actor)) if config.cpus_per_actor is not None or on_gpu else 1
     if config.actors is not None:

@@ -1,10 +1,18 @@
-"""The Serve application: a FastAPI ingress in front of the batched model deployment.
+"""The Serve application: a FastAPI ingress, with the batched model in the same replica or behind it.
 
-Where the CPU goes: decoding a DICOM / PNG / JPEG and resizing it is per-request
-CPU work that does not batch, so it runs in the ingress (in worker threads,
-scaled by the ingress's own autoscaling). The model replica only sees
-preprocessed (1, S, S) tensors and spends its time in batched
-``Backend.predict`` calls.
+Two topologies (``ServeArgs.topology``), same API, same numbers:
+
+``fused`` (default)
+    One deployment: each ``CxrIngress`` replica reads the request, decodes and
+    preprocesses it in a worker thread, and feeds its own batched
+    :class:`~cxr_ray.serve.predictor.CxrPredictor` (``@serve.batch``). One hop
+    (proxy -> replica) per request. On CPU nodes this is the faster layout: the
+    split one spent about 50 CPU-ms per request on the extra hop (serialising the
+    tensor, a second replica's request handling), as much as DenseNet-121 itself.
+``split``
+    ``CxrIngress`` replicas decode; ``CxrPredictor`` replicas (one per GPU) only
+    see (1, S, S) tensors. For GPU clusters, where decoding is the bottleneck and
+    should scale on CPU nodes while GPU replicas do nothing but batched inference.
 
 Build it with ``app_builder(ServeArgs(...))`` (or ``serve run deploy/serve.yaml``,
 whose ``import_path`` is ``cxr_ray.serve.app:app_builder``). Importing this module
@@ -35,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from cxr_ray.errors import DecodeError
+from cxr_ray.serve.admission import ModelAdmission, ModelBusyError
 from cxr_ray.serve.api import (
     ACCEPTED_TYPES,
     ERROR_CODES,
@@ -174,11 +183,14 @@ def _errors(*statuses: int) -> dict:
 @serve.deployment(name="CxrIngress")
 @serve.ingress(api)
 class CxrIngress:
-    """HTTP in, decode + preprocess, batched prediction via the predictor handle."""
+    """HTTP in, decode + preprocess, batched prediction: in this replica (fused) or via the predictor handle."""
 
-    def __init__(self, predictor: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(self, predictor: DeploymentHandle | None, args: dict[str, Any]) -> None:
         self.args = ServeArgs.model_validate(args)
         self.predictor = predictor
+        # Fused topology: the model lives here, behind the predictor's admission limits.
+        self._local = CxrPredictor.func_or_class(args) if predictor is None else None
+        self._admission = ModelAdmission(self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests)
         self._api_key: bytes | None = None
         if self.args.api_key_env:
             key = os.environ.get(self.args.api_key_env, "")
@@ -200,8 +212,28 @@ class CxrIngress:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
-                    self._info = await self.predictor.info.remote()
+                    self._info = self._local.info() if self._local is not None else await self.predictor.info.remote()
         return self._info
+
+    async def _run_model(self, tensor: np.ndarray, pixels: np.ndarray | None, method: str | None):
+        """(prediction, heatmap or None) from the model stage; 503 when it is at capacity."""
+        try:
+            if self._local is None:
+                result = await self.predictor.predict.remote(tensor)
+                heatmap = await self.predictor.explain.remote(pixels, method) if method else None
+            else:
+                async with self._admission.admit():
+                    result = await self._local.predict(tensor)
+                    heatmap = await self._local.explain(pixels, method) if method else None
+        except (BackPressureError, DeploymentUnavailableError, ModelBusyError) as exc:
+            raise ApiError(503, "overloaded", f"model is at capacity ({type(exc).__name__}); retry later",
+                           headers={"Retry-After": "1"}) from None
+        return result, heatmap
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; a broken backend in a fused replica marks it unhealthy."""
+        if self._local is not None:
+            self._local.check_health()
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it exceeds the limit (never buffered unbounded)."""
@@ -325,12 +357,7 @@ class CxrIngress:
         except DecodeError as exc:
             raise ApiError(422, exc.code, exc.message) from None
         del data
-        try:
-            result = await self.predictor.predict.remote(tensor)
-            heatmap = await self.predictor.explain.remote(pixels, explain.value) if explain is not None else None
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise ApiError(503, "overloaded", f"model is at capacity ({type(exc).__name__}); retry later",
-                           headers={"Retry-After": "1"}) from None
+        result, heatmap = await self._run_model(tensor, pixels, explain.value if explain is not None else None)
         timing = {"read_ms": read_ms, "decode_ms": decode_ms, "model_ms": float(result["model_ms"]), "start": start}
         return self._response(request_id, info, meta, warnings, result, timing, explain, heatmap)
 
@@ -391,5 +418,7 @@ def app_builder(args: ServeArgs):
     for problem in args.layering_problems():
         logger.warning("cxr-ray serve config: %s", problem)
     plain = args.model_dump(mode="json")
+    if args.topology == "fused":
+        return CxrIngress.options(**args.ingress.serve_options()).bind(None, plain)
     predictor = CxrPredictor.options(**args.predictor.serve_options()).bind(plain)
     return CxrIngress.options(**args.ingress.serve_options()).bind(predictor, plain)

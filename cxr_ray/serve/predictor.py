@@ -1,7 +1,9 @@
-"""The model deployment: one backend rebuilt from the artifact, fed dynamic batches.
+"""The model stage: one backend rebuilt from the artifact, fed dynamic batches.
 
-Requests arrive already decoded and preprocessed ((1, S, S) float32, from the
-ingress), so this replica spends its time in the backend only: ``@serve.batch``
+A deployment of its own in the split topology, a plain object inside each
+ingress replica in the fused one (:mod:`cxr_ray.serve.app`). Requests arrive
+already decoded and preprocessed ((1, S, S) float32), so it spends its time in
+the backend only: ``@serve.batch``
 stacks concurrent requests into one ``Backend.predict`` call. The same
 :func:`~cxr_ray.backends.select.load_backend` and artifact as the screening job
 give the same numbers.
@@ -11,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,13 +39,18 @@ class CxrPredictor:
         # model for explanations all read the same files.
         self.artifact = str(localize(self.args.model, self.args.s3_endpoint))
         self.card = load_card(self.artifact)
-        self.backend = load_backend(
-            self.artifact, self.args.backend, device=self.args.device, precision=self.args.precision,
-            num_threads=self.args.num_threads,
-        )
+        # One thread owns the backend: loads it, predicts, explains. torch's OpenMP
+        # kernels ran about 2x slower when a model was used from several threads
+        # (DenseNet-121 bf16, one image, 2 cores: 34 ms on the thread that loaded it,
+        # 62-74 ms from asyncio's executor threads), and one caller at a time is
+        # what a CPU backend wants anyway: concurrency comes from batching.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model")
+        self.backend = self._model_thread.submit(
+            load_backend, self.artifact, self.args.backend, device=self.args.device,
+            precision=self.args.precision, num_threads=self.args.num_threads,
+        ).result()
         self._torch_model = None
         self._explainers: dict[str, Any] = {}
-        self._explain_lock = threading.Lock()
         self._probe = np.zeros((1, *self.backend.input_spec.shape), dtype=np.float32)
         self._predict_batched.set_max_batch_size(self.args.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
@@ -66,8 +73,8 @@ class CxrPredictor:
     async def _run_backend(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         batch = np.stack(images).astype(np.float32, copy=False)
         start = time.perf_counter()
-        # A worker thread keeps the event loop free to admit the next batch.
-        probs = await asyncio.to_thread(self.backend.predict, batch)
+        # The model thread keeps the event loop free to admit the next batch.
+        probs = await asyncio.get_running_loop().run_in_executor(self._model_thread, self.backend.predict, batch)
         model_ms = (time.perf_counter() - start) * 1000
         n = len(images)
         return [{"probabilities": row.tolist(), "batch_size": n, "model_ms": model_ms} for row in probs]
@@ -75,22 +82,22 @@ class CxrPredictor:
     # ---- explanations ----------------------------------------------------
     async def explain(self, pixels: np.ndarray, method: str) -> str:
         """Heatmap overlay for a decoded (H, W) image, as base64 PNG (not batched)."""
-        return await asyncio.to_thread(self._explain_sync, pixels, method)
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._explain_sync, pixels, method)
 
     def _explain_sync(self, pixels: np.ndarray, method: str) -> str:
+        """On the model thread (no lock needed): torch model + one Explainer per method, built on first use."""
         import base64
 
         from cxr_ray.explain.methods import Explainer
         from cxr_ray.explain.overlay import overlay_png_bytes
 
-        with self._explain_lock:  # torch model + one Explainer per method, built on first use
-            explainer = self._explainers.get(method)
-            if explainer is None:
-                from cxr_ray.artifact import load_model
+        explainer = self._explainers.get(method)
+        if explainer is None:
+            from cxr_ray.artifact import load_model
 
-                if self._torch_model is None:
-                    self._torch_model, _ = load_model(self.artifact)
-                explainer = self._explainers[method] = Explainer(self._torch_model, self.card, method)
+            if self._torch_model is None:
+                self._torch_model, _ = load_model(self.artifact)
+            explainer = self._explainers[method] = Explainer(self._torch_model, self.card, method)
         result = explainer.explain(pixels)
         return base64.b64encode(overlay_png_bytes(pixels, result.heatmap)).decode("ascii")
 
@@ -119,7 +126,7 @@ class CxrPredictor:
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy (restarted)."""
-        probs = self.backend.predict(self._probe)
+        probs = self._model_thread.submit(self.backend.predict, self._probe).result()
         if probs.shape != (1, len(self.card.classes)) or not np.all(np.isfinite(probs)):
             raise RuntimeError(
                 f"backend {self.backend.name} returned {probs.shape} / non-finite output for a probe batch"
