@@ -9,6 +9,7 @@ from hashlib import sha256
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
@@ -195,9 +196,12 @@ def test_bad_usage_fails_before_any_work(ray_cluster, artifact, tmp_path):
 
 def test_layout_defaults():
     cpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 8.0})
-    assert cpu.actors == (8, 8) and cpu.threads_per_actor == 1 and cpu.cpus_per_actor == 0.25 and cpu.decode_cpus == 0.25
+    assert cpu.actors == (8, 8) and cpu.threads_per_actor == 1 and cpu.cpus_per_actor == 0.25
+    assert cpu.decode_in_actors and cpu.decode_cpus == 0.0  # CPU-only: each actor decodes its own batches
+    tasks = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", decode_cpus=0.5), {"CPU": 8.0})
+    assert not tasks.decode_in_actors and tasks.decode_cpus == 0.5  # asking for decode CPUs asks for decode tasks
     gpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 16.0, "GPU": 4.0})
-    assert gpu.actors == (1, 4) and gpu.gpus_per_actor == 1.0 and gpu.decode_cpus == 1.0
+    assert gpu.actors == (1, 4) and gpu.gpus_per_actor == 1.0 and gpu.decode_cpus == 1.0 and not gpu.decode_in_actors
     half = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", gpus_per_actor=0.5), {"CPU": 16.0, "GPU": 2.0})
     assert half.actors == (1, 4)
 
@@ -213,3 +217,19 @@ def test_bf16_opt_in_records_its_backend_and_stays_close_to_fp32(ray_cluster, ar
     assert summary["backend"] == "torch-bf16" and set(rows.loc[ok, "backend"]) == {"torch-bf16"}
     assert list(ok.sort_values()) == sorted(fp32.index[fp32["status"] == "ok"])
     np.testing.assert_allclose(rows.loc[ok, PROBS].to_numpy(), fp32.loc[ok, PROBS].to_numpy(), atol=REDUCED_PRECISION_ATOL)
+
+
+def test_decode_tasks_and_decode_in_actors_write_the_same_rows(ray_cluster, archive, artifact, screened, tmp_path):
+    """The GPU-cluster layout (decode tasks before the actors), run here on CPUs, against the
+    CPU default (each actor decodes its own batches): same rows, statuses, codes and numbers."""
+    root, _ = archive
+    out = tmp_path / "tasks"
+    os.environ[KEY_ENV] = "operator-secret"
+    try:
+        run_screen(_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=KEY_ENV, decode_in_actors=False))
+    finally:
+        os.environ.pop(KEY_ENV, None)
+    tasks, fused = read_rows(out), read_rows(screened[0])
+    columns = ["path", "status", "error_code", "predicted_label", "patient_pseudonym", "rows", "cols"]
+    pd.testing.assert_frame_equal(tasks[columns], fused[columns])
+    np.testing.assert_allclose(tasks[PROBS].to_numpy(), fused[PROBS].to_numpy(), rtol=1e-6, atol=1e-7)

@@ -184,7 +184,7 @@ def test_heatmap_actors_ask_for_a_cpu_only_where_one_is_left():
         assert args["num_cpus"] == want, cpus
         assert args["fn_constructor_kwargs"]["heatmaps"] == os.path.join(os.path.abspath("o"), "_heatmaps")
     # A one-CPU machine whose predict actor (0.5) and decode task (0.25) leave no CPU for another actor.
-    full = ScreenConfig(model="m", inputs=["i"], output="o", heatmaps="flagged", cpus_per_actor=0.5)
+    full = ScreenConfig(model="m", inputs=["i"], output="o", heatmaps="flagged", cpus_per_actor=0.5, decode_cpus=0.25)
     assert stage_arguments(full, "o", plan_layout(full, {"CPU": 1.0}), {"CPU": 1.0})["num_cpus"] == 0
     gpu = plan_layout(config, {"CPU": 16.0, "GPU": 2.0})
     assert stage_arguments(config, "s3://b/o", gpu, {"CPU": 16.0, "GPU": 2.0})["num_cpus"] == 1.0

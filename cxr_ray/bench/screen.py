@@ -314,6 +314,7 @@ def ray_job(config) -> dict:
             "cpus_per_actor": layout.cpus_per_actor,
             "threads_per_actor": layout.threads_per_actor,
             "decode_cpus": layout.decode_cpus,
+            "decode_in_actors": layout.decode_in_actors,
             "batch_size": config.batch_size,
             "decode_batch_size": config.decode_batch_size,
         },

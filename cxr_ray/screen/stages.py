@@ -143,7 +143,10 @@ class Predictor:
         precision: str = "auto",
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
+        decode: dict | None = None,
     ) -> None:
+        """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
+        batches (``path`` tables in), None when a decode stage runs before it."""
         from cxr_ray.artifact import load_card
         from cxr_ray.backends.select import load_backend, resolve_backend_name
 
@@ -162,6 +165,7 @@ class Predictor:
         self.threshold = float(self.card.threshold)
         self.schema = output_schema(self.classes)
         self.max_batch = getattr(self.backend.input_spec, "max_batch", None)
+        self.decode = decode
 
     # ------------------------------------------------------------------ inference
     def _predict(self, batch: np.ndarray) -> np.ndarray:
@@ -199,6 +203,8 @@ class Predictor:
         if marker and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(78)
+        if self.decode is not None:
+            table = decode_batch(table, **self.decode)
         n = len(table)
         status = table.column("status").to_pylist()
         codes = table.column("error_code").to_pylist()
