@@ -98,7 +98,7 @@ def test_s3_input_and_output_through_the_job_script(artifact, s3_bucket, tmp_pat
 @pytest.mark.slow
 def test_crashing_workers_lose_nothing(artifact, tmp_path):
     """A predict actor dies once (its batch is retried on the restarted actor) and one file kills
-    its decode worker on every attempt (it ends up as a ``worker_crashed`` row); the job completes."""
+    the process decoding it on every attempt (it ends up as a ``worker_crashed`` row); the job completes."""
     labels = make_archive(tmp_path / "archive", n=16, corrupt_fraction=0.0, seed=2)
     poison = sorted(labels["uri"])[5]
     out = tmp_path / "out"
@@ -113,7 +113,8 @@ def test_crashing_workers_lose_nothing(artifact, tmp_path):
     assert rows.loc[poison, "error_code"] == "worker_crashed" and rows.loc[poison, "status"] == "error"
     assert (rows.drop(index=poison)["status"] == "ok").all()
     assert "screening them one by one" in stderr
-    # Only the poison file's decode block (<= 2 files) was lost in the first pass: the batch
-    # whose actor died was retried, not dropped and left to the recovery pass.
+    # Only the batches in flight on the actor the poison file kept killing were lost in the first
+    # pass (on CPU-only clusters the actors decode: Ray Data keeps 2 batches of 2 in flight per
+    # actor, so <= 4 files); the batch of the actor that died once was retried, not dropped.
     run = json.loads((out / "_runs" / f"{summary['run_id']}.json").read_text())
-    assert 1 <= run["passes"][0]["missing"] <= 2 and run["passes"][1]["name"] == "isolate"
+    assert 1 <= run["passes"][0]["missing"] <= 4 and run["passes"][1]["name"] == "isolate"

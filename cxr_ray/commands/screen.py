@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=_actors, default=None, metavar="MIN,MAX", help="predict actor pool size (default: 1,<GPUs> on GPU clusters; N,N with N = CPUs on CPU-only ones)")
     parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="F", help="GPUs per predict actor (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--cpus-per-actor", type=float, default=None, metavar="F", help="logical CPUs (and backend threads) per predict actor (default: 1 on GPU, 0.5 and 1 thread on CPU-only clusters)")
-    parser.add_argument("--decode-cpus", type=float, default=None, metavar="F", help="logical CPUs per decode task (default: 1 on GPU clusters, 0.5 on CPU-only ones)")
+    parser.add_argument("--decode-cpus", type=float, default=None, metavar="F", help="logical CPUs per decode task (default: 1 on GPU clusters; on CPU-only ones the predict actors decode their own batches unless this is given)")
     parser.add_argument("--decode-batch-size", type=int, default=16, metavar="N", help="files per decode task (default: 16)")
     parser.add_argument("--rows-per-part", type=int, default=1000, metavar="N", help="rows per Parquet part: the resume granularity (default: 1000)")
     parser.add_argument("--max-file-mb", type=float, default=512, metavar="MB", help="files larger than this get error 'too_large' (default: 512)")

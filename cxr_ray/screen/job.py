@@ -4,7 +4,8 @@
 
     ListInputs (1 task, streams the listing, drops inputs already written)
       -> repartition       blocks of ``decode_batch_size`` paths
-      -> decode_batch      CPU tasks: read bytes, decode, preprocess (one row per input, errors included)
+      -> decode_batch      CPU tasks: read bytes, decode, preprocess (one row per input, errors included);
+                           on CPU-only clusters the Predictor actors run it on their own batches instead
       -> Predictor         actor pool, one backend per actor, GPUs when there are any
      [-> HeatmapWriter     only with heatmaps="flagged": actor pool, overlay PNG per flagged row]
       -> write_batch       one atomic, content-addressed Parquet part per ``rows_per_part`` rows
