@@ -189,8 +189,12 @@ class CxrIngress:
         self.args = ServeArgs.model_validate(args)
         self.predictor = predictor
         # Fused topology: the model lives here, behind the predictor's admission limits.
-        self._local = CxrPredictor.func_or_class(args) if predictor is None else None
-        self._admission = ModelAdmission(self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests)
+        self._local = self._admission = None
+        if predictor is None:
+            self._local = CxrPredictor.func_or_class(args)
+            self._admission = ModelAdmission(
+                self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests
+            )
         self._api_key: bytes | None = None
         if self.args.api_key_env:
             key = os.environ.get(self.args.api_key_env, "")

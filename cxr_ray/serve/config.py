@@ -137,16 +137,15 @@ class ServeArgs(BaseModel):
     def layering_problems(self) -> list[str]:
         """Limits that work, but not as intended (the app builder logs them)."""
         problems = []
-        if self.batching and self.predictor.max_ongoing_requests < self.max_batch_size:
-            problems.append(
-                f"predictor.max_ongoing_requests={self.predictor.max_ongoing_requests} < "
-                f"max_batch_size={self.max_batch_size}: batches can never fill"
-            )
-        if self.batching and self.topology == "fused" and self.ingress.max_ongoing_requests < self.max_batch_size:
-            problems.append(
-                f"ingress.max_ongoing_requests={self.ingress.max_ongoing_requests} < "
-                f"max_batch_size={self.max_batch_size}: batches can never fill"
-            )
+        # Requests reach the batcher through the model stage's limit and, fused, the replica's own.
+        limits = {"predictor": self.predictor.max_ongoing_requests}
+        if self.topology == "fused":
+            limits["ingress"] = self.ingress.max_ongoing_requests
+        for stage, limit in limits.items():
+            if self.batching and limit < self.max_batch_size:
+                problems.append(
+                    f"{stage}.max_ongoing_requests={limit} < max_batch_size={self.max_batch_size}: batches can never fill"
+                )
         pred = self.predictor
         # Fused: the limits hold per ingress replica, at its model call.
         replicas = 1 if self.topology == "fused" else (
