@@ -5,6 +5,7 @@ carries no patient data."""
 from __future__ import annotations
 
 import io
+import resource
 import struct
 import tracemalloc
 import zlib
@@ -12,8 +13,13 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.encaps import encapsulate
-from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+from pydicom.encaps import encapsulate, get_frame
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+)
 from test_decode_dicom import (
     PATIENT_ID,
     PATIENT_NAME,
@@ -290,3 +296,76 @@ def test_policy_can_tighten_the_raster_limit():
     with pytest.raises(DecodeError) as info:
         decode_image(png_bytes(noise((64, 64))), "small.png", policy=DecodePolicy(max_pixels=1000))
     assert info.value.code == "too_large"
+
+
+def _j2k_dicom(frame: bytes, rows: int = 256, cols: int = 256) -> bytes:
+    """A JPEG 2000 Lossless DICOM whose (complete) encapsulated frame is ``frame``."""
+    ds = make_dataset(np.zeros((rows, cols), np.uint16), bits_stored=12, with_pixels=False)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
+
+
+def _j2k_codestream(rows: int, cols: int) -> bytes:
+    ds = make_dataset(noise((rows, cols)).astype(np.uint16) * 16, bits_stored=12)
+    ds.compress(JPEG2000Lossless)
+    return get_frame(ds.PixelData, 0, number_of_frames=1)
+
+
+J2K_CASES = {
+    # Frames that reach the reduced-resolution JPEG 2000 decoder (a target size is given).
+    "jpeg 2000 codestream cut in half": (lambda: _j2k_dicom(cut(_j2k_codestream(256, 256), 0.5)), {"truncated", "corrupt"}),
+    "jpeg 2000 frame larger than the header": (lambda: _j2k_dicom(_j2k_codestream(512, 512)), {"corrupt"}),
+    "random bytes as a jpeg 2000 frame": (lambda: _j2k_dicom(np.random.default_rng(1).bytes(5000)), {"corrupt"}),
+}
+
+
+@pytest.mark.parametrize("case", list(J2K_CASES))
+def test_bad_jpeg2000_frames_with_a_target_size(case):
+    builder, codes = J2K_CASES[case]
+    with pytest.raises(DecodeError) as info:
+        decode_image(builder(), "bad-j2k.dcm", target_size=224)
+    assert info.value.code in codes, f"{case}: {info.value.code}: {info.value.message}"
+    assert "bad-j2k.dcm" in info.value.message
+
+
+def _claiming(stream: bytes, marker: bytes, offsets: tuple[int, ...], fmt: str, size: int) -> bytes:
+    """``stream`` with the dimensions in the header segment after ``marker`` rewritten to ``size``."""
+    data = bytearray(stream)
+    at = data.index(marker)
+    for offset in offsets:
+        struct.pack_into(fmt, data, at + offset, size, size)
+    return bytes(data)
+
+
+def _jpeg_baseline_dicom(frame: bytes) -> bytes:
+    ds = make_dataset(np.zeros((64, 64), np.uint8), with_pixels=False)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
+
+
+LYING_CODESTREAMS = {
+    # A small DICOM whose compressed frame declares 30,000 x 30,000 pixels: decoders allocate what
+    # the codestream says (5.3 GB for this JPEG 2000 one before the guard), not what the header says.
+    "jpeg 2000": lambda: _j2k_dicom(
+        _claiming(_j2k_codestream(256, 256), b"\xff\x51", (6, 22), ">II", 30_000)  # SIZ: Xsiz/Ysiz, XTsiz/YTsiz
+    ),
+    "jpeg baseline": lambda: _jpeg_baseline_dicom(
+        _claiming(jpeg_bytes(noise((64, 64))), b"\xff\xc0", (5,), ">HH", 30_000)  # SOF0: height, width
+    ),
+}
+
+
+@pytest.mark.parametrize("codec", list(LYING_CODESTREAMS))
+@pytest.mark.parametrize("target_size", [None, 224])
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(codec, target_size):
+    data = LYING_CODESTREAMS[codec]()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: decoders allocate outside Python
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, "lying.dcm", target_size=target_size)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert info.value.code == "corrupt" and "declares 30000x30000" in info.value.message
+    assert grown_mib < 256, f"the decoder ran: peak resident memory grew {grown_mib:.0f} MiB"

@@ -29,6 +29,7 @@ from cxr_ray.errors import DecodeError
 from cxr_ray.io.decode import decode_image
 from cxr_ray.io.pseudonym import pseudonymize
 from cxr_ray.io.types import DecodePolicy
+from cxr_ray.preprocess import resize_square
 
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -295,6 +296,63 @@ def test_rle_lossless_matches_uncompressed():
 def test_jpeg2000_lossless_matches_uncompressed():
     native, decoded = _native_and(JPEG2000Lossless)
     np.testing.assert_array_equal(native, decoded)
+
+
+def _textured(rows: int, cols: int, bits: int = 12) -> np.ndarray:
+    """A smooth gradient plus noise: lossless JPEG 2000 has real wavelet levels to skip."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:rows, 0:cols]
+    values = (np.sin(y / 37.0) + np.cos(x / 23.0) + 2) / 4 * (2**bits - 1)
+    values += rng.normal(0, 40, (rows, cols))
+    return np.clip(np.round(values), 0, 2**bits - 1).astype(np.uint16)
+
+
+def test_jpeg2000_with_target_size_decodes_only_the_wavelet_levels_needed():
+    pixels = _textured(512, 640)
+    data = compressed(make_dataset(pixels, bits_stored=12), JPEG2000Lossless)
+    full = decode_image(data, "j2k.dcm").pixels
+    np.testing.assert_array_equal(full, decode_image(make_dicom(pixels, bits_stored=12), "n").pixels)
+    small = decode_image(data, "j2k.dcm", target_size=100)
+    # Two levels skipped (512 -> 256 -> 128, a third would give 64 < 100); the box reduction
+    # of a full decode would have given 5x (102 x 128) instead.
+    assert small.pixels.shape == (128, 160)
+    assert (small.meta.rows, small.meta.cols) == (512, 640)  # meta keeps the stored size
+    assert small.pixels.min() >= 0.0 and small.pixels.max() <= 1.0
+    # What the model sees: the wavelet low-pass, resized, is close to the full decode resized.
+    # (Measured 0.011 mean / 0.033 max; the box reduction of native pixels gives 0.007 / 0.025.
+    # Most of it is the min-max window, taken on the smaller image whose noise is averaged out.)
+    model_input = resize_square(small.pixels, 100)
+    reference = resize_square(full, 100)
+    assert np.abs(model_input - reference).mean() < 0.02
+    assert np.abs(model_input - reference).max() < 0.06
+
+
+def test_jpeg2000_at_full_size_when_the_target_needs_every_level():
+    pixels = _textured(120, 150)
+    data = compressed(make_dataset(pixels, bits_stored=12), JPEG2000Lossless)
+    np.testing.assert_array_equal(
+        decode_image(data, "j2k.dcm", target_size=100).pixels,
+        decode_image(make_dicom(pixels, bits_stored=12), "n", target_size=100).pixels,
+    )
+
+
+def test_signed_jpeg2000_is_left_to_pydicom():
+    pixels = _textured(256, 256).astype(np.int16) - 2048
+    ds = make_dataset(pixels, bits_stored=12, PixelRepresentation=1)
+    native = decode_image(to_bytes(make_dataset(pixels, bits_stored=12, PixelRepresentation=1)), "n", target_size=100)
+    image = decode_image(compressed(ds, JPEG2000Lossless), "signed.dcm", target_size=100)
+    np.testing.assert_array_equal(image.pixels, native.pixels)  # full decode, then the same box reduction
+
+
+def test_wavelet_levels_to_skip_keep_both_sides_at_or_above_the_target():
+    from cxr_ray.io.raster import wavelet_levels_to_skip
+
+    assert wavelet_levels_to_skip(1280, 1280, 224) == 2  # 320 px; one more would be 160
+    assert wavelet_levels_to_skip(2500, 2048, 224) == 3  # 256 px on the short side
+    assert wavelet_levels_to_skip(447, 900, 224) == 1  # ceil(447 / 2) = 224
+    assert wavelet_levels_to_skip(445, 900, 224) == 0  # 223
+    assert wavelet_levels_to_skip(100, 100, 224) == 0
+    assert wavelet_levels_to_skip(4000, 4000, None) == 0
 
 
 def test_jpeg_ls_lossless_matches_uncompressed():

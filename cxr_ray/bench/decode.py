@@ -1,9 +1,9 @@
 """``cxr-ray bench decode``: guarded decode + resize against a naive baseline, per format.
 
 *Ours* is what every surface runs: ``decode_image(data, target_size=size)``
-(content sniffing, header checks, DICOM LUT/VOI pipeline, JPEG DCT scaling)
-followed by ``preprocess.resize_square``. *Baseline* is what a notebook does,
-without any guard:
+(content sniffing, header checks, DICOM LUT/VOI pipeline, JPEG DCT scaling,
+JPEG 2000 resolution levels) followed by ``preprocess.resize_square``.
+*Baseline* is what a notebook does, without any guard:
 
 * PNG / JPEG: ``Image.open -> convert("L") -> resize -> float32 / 255``;
 * DICOM: ``dcmread(...).pixel_array`` -> float32 min-max -> ``resize_square``.

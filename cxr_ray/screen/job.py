@@ -68,6 +68,7 @@ LISTING_PAGE = 1000  # paths per block the listing task yields (one S3 page)
 # before any decoding started). 1 MiB (~10k paths) keeps the listing streaming;
 # decode outputs are sliced to this size too, which is harmless.
 TARGET_BLOCK_BYTES = 1024 * 1024
+ISOLATE_PASS = "isolate"  # the second pass: inputs lost in the first, one per batch
 
 
 @dataclass
@@ -254,6 +255,19 @@ def _data_context(**settings):
 # --------------------------------------------------------------------------- one pass
 
 
+def _in_flight_per_actor(pass_name: str) -> int | None:
+    """Batches Ray Data may queue on one predict actor (None: its default, 2 here).
+
+    A batch that kills its actor takes every batch queued on that actor with it, and each of
+    them spends a retry. In the isolating pass (one file per batch) a neighbour queued behind
+    the poison file could run out of retries and be reported ``worker_crashed`` although it is
+    fine, so there each actor holds one batch. In the first pass the neighbours lost this way
+    are screened again by the isolating pass, so the queue that keeps actors busy is worth it.
+    """
+    return 1 if pass_name == ISOLATE_PASS else None
+
+
+
 @dataclass
 class PassResult:
     name: str
@@ -359,7 +373,9 @@ def _run_pass(
             Predictor,
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=low, max_size=high, max_tasks_in_flight_per_actor=_in_flight_per_actor(name)
+            ),
             fn_constructor_kwargs={
                 "artifact": config.model,
                 "backend": config.backend,
@@ -523,7 +539,7 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict:
         if first.missing:
             log.warning("%d inputs did not come back (lost batches); screening them one by one", first.missing)
             isolate = replace(config, batch_size=1, decode_batch_size=1)
-            second = _run_pass("isolate", isolate, done_ref=_put_done(scan_parts(layout)), max_errored_blocks=-1, **common)
+            second = _run_pass(ISOLATE_PASS, isolate, done_ref=_put_done(scan_parts(layout)), max_errored_blocks=-1, **common)
             passes.append(second)
             if second.missing:
                 crashed_rows = _write_crashed_rows(config, layout, scan_parts(layout).done_set(), card, run_id)
