@@ -164,7 +164,8 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
     at all. Each predict actor decodes its own batch (read -> decode ->
     predict in one process per core), which saves the decode workers, their
     object-store hand-off and Ray's per-task work: the same 3,600 files in
-    131 s (27.4 img/s, about 0.87 of the machine bound) against 150-155 s.
+    131 s (27.4 img/s, about 0.87 of the machine bound) against 150-155 s
+    (figures from before JPEG 2000 frames were decoded at reduced resolution).
     GPU clusters keep decode tasks: there decoding must scale on every other
     core while the GPU actors only predict.
     """
