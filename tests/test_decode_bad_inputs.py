@@ -369,3 +369,35 @@ def test_a_codestream_larger_than_its_header_is_refused_before_decoding(codec, t
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert info.value.code == "corrupt" and "declares 30000x30000" in info.value.message
     assert grown_mib < 256, f"the decoder ran: peak resident memory grew {grown_mib:.0f} MiB"
+
+
+def _element_flood(elements: int) -> bytes:
+    """A valid small DICOM with ``elements`` tiny private elements (14 bytes each) in its header."""
+    base = make_dicom()
+    flood = np.zeros(
+        elements,
+        dtype=[("group", "<u2"), ("element", "<u2"), ("vr", "S2"), ("reserved", "<u2"), ("length", "<u4"), ("value", "S2")],
+    )
+    index = np.arange(elements)
+    flood["group"] = 0x0009 + 2 * (index // 0xF000)  # odd (private) groups before (0010,xxxx)
+    flood["element"] = 0x1000 + index % 0xF000
+    flood["vr"], flood["length"], flood["value"] = b"UN", 2, b"ab"
+    at = base.index(struct.pack("<HH", 0x0010, 0x0010))  # insert before Patient's Name
+    return base[:at] + flood.tobytes() + base[at:]
+
+
+def test_a_header_flooded_with_elements_is_refused_within_the_header_budget():
+    data = _element_flood(300_000)  # 4.2 MB of header: parsed whole, it takes 93 MiB of Python objects
+    policy = DecodePolicy(max_header_bytes=256 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError) as info:
+            decode_image(data, "flood.dcm", policy=policy)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == "too_large" and "max_header_bytes" in info.value.message
+    assert peak < 40 * 2**20, f"peak allocation {peak / 2**20:.0f} MiB"
+    # The same file is fine under the default budget (16 MB), and so is any header within budget.
+    assert decode_image(data, "flood.dcm").pixels.shape == (48, 64)
+    assert decode_image(make_dicom(), "small.dcm", policy=policy).pixels.shape == (48, 64)

@@ -169,21 +169,34 @@ def _int(ds: Dataset, keyword: str, default: int | None) -> int | None:
     return int(value)
 
 
-def _read_header(data: bytes, name: str, preamble: bool) -> tuple[Dataset, int]:
-    """Parse everything before Pixel Data; return the dataset and the offset where it stopped."""
+def _read_header(data: bytes, name: str, preamble: bool, max_header_bytes: int) -> tuple[Dataset, int]:
+    """Parse everything before Pixel Data; return the dataset and the offset where it stopped.
+
+    Only the first ``max_header_bytes`` are handed to pydicom: a header that does
+    not reach Pixel Data within them is ``too_large``, whatever it holds.
+    """
     if preamble and _declares_deflate(data):
         raise DecodeError(
             "unsupported_transfer_syntax",
             f"{name}: Deflated Explicit VR Little Endian is not accepted (the whole dataset "
             "would be inflated before its size could be checked)",
         )
-    fp = BytesIO(data)
+    windowed = len(data) > max_header_bytes
+    head = data[:max_header_bytes] if windowed else data
+    too_large = DecodeError(
+        "too_large",
+        f"{name}: DICOM header (everything before Pixel Data) is over {max_header_bytes} bytes "
+        "(DecodePolicy.max_header_bytes)",
+    )
+    fp = BytesIO(head)
     try:
         ds = pydicom.dcmread(fp, force=not preamble, stop_before_pixels=True)
     except InvalidDicomError:
         code = "corrupt" if preamble else "not_an_image"
         raise DecodeError(code, f"{name}: not a readable DICOM dataset") from None
     except (EOFError, struct.error):
+        if windowed:
+            raise too_large from None
         raise DecodeError(
             "truncated", f"{name}: DICOM header ends early (file is truncated)"
         ) from None
@@ -191,7 +204,18 @@ def _read_header(data: bytes, name: str, preamble: bool) -> tuple[Dataset, int]:
         raise DecodeError(
             "corrupt", f"{name}: DICOM header could not be parsed ({type(exc).__name__})"
         ) from None
+    if windowed and not _at_pixel_data(head, fp.tell(), ds):
+        raise too_large
     return ds, fp.tell()
+
+
+def _at_pixel_data(data: bytes, pos: int, ds: Dataset) -> bool:
+    """Whether the parse stopped at a (Float / Double Float) Pixel Data element, not at the end."""
+    if pos + 4 > len(data):
+        return False
+    little = ds.original_encoding[1] is not False
+    group, element = struct.unpack_from("<HH" if little else ">HH", data, pos)
+    return (group << 16 | element) in _FLOAT_PIXEL_DATA | {_PIXEL_DATA}
 
 
 def _declares_deflate(data: bytes) -> bool:
@@ -787,7 +811,7 @@ def decode_dicom(
     preamble: bool = True,
 ) -> DecodedImage:
     """Decode a DICOM file (``preamble`` False for a bare dataset) to grey float32 in [0, 1]."""
-    ds, pixel_pos = _read_header(data, name, preamble)
+    ds, pixel_pos = _read_header(data, name, preamble, policy.max_header_bytes)
     recognisable = _recognisable(ds)
     header_cut = _header_truncated(ds, len(data), preamble, recognisable)
     if not preamble and "SOPClassUID" not in ds and not ("Rows" in ds and "Columns" in ds):

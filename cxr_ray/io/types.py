@@ -15,6 +15,10 @@ class DecodePolicy:
 
     # rows * cols * frames, checked from the header before any pixel decoding.
     max_pixels: int = 64_000_000
+    # DICOM bytes before Pixel Data. Real radiograph headers take kilobytes (a few MB with
+    # overlays or vendor blobs); parsing costs 0.3-0.5 KB of memory per element, so a file of
+    # hundreds of MB of tiny elements would need tens of GB. Only this much is ever parsed.
+    max_header_bytes: int = 16 * 1024 * 1024
     # Modalities of projection radiography; CT/MR/US... are refused.
     allowed_modalities: frozenset[str] = frozenset({"CR", "DX", "DR", "OT", "RG", "PX"})
     reject_lateral: bool = True
