@@ -187,9 +187,9 @@ def decode_j2k_grey(
     """Decode a one-component, unsigned JPEG 2000 frame of ``precision`` bits to its stored integers.
 
     Only the wavelet resolution levels that ``target_size`` needs are decoded:
-    OpenJPEG stops the inverse transform early, so a 2,500-pixel radiograph
-    wanted at 224 costs about a sixteenth of a full decode, and the low-pass
-    band it returns is an antialiased downscale. ``expected_size`` (width,
+    OpenJPEG stops the inverse transform early (a 1,280-pixel lossless frame
+    wanted at 224: 15-18 ms instead of 200-220 ms here), and the low-pass band
+    it returns is an antialiased downscale. ``expected_size`` (width,
     height) is what the DICOM header says; a mismatch is corrupt. Pillow
     returns samples scaled up to 8 or 16 bits; they are shifted back so the
     values are the stored ones the modality and VOI transforms expect.
