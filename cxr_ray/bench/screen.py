@@ -290,21 +290,32 @@ def _job_config(args, artifact: str, inputs: str, output: str):
     )
 
 
-def warm_worker_pool(cores: int) -> None:
-    """Return once a freshly started local Ray runs a task on every core.
+@contextlib.contextmanager
+def ready_ray(cores: int):
+    """The Ray the job runs on: the one already running, else a local one started here (and
+    shut down after), entered only once it runs a task on every core.
 
     ``ray.init`` returns while the worker processes it prestarts are still
-    importing Ray (2-3 s here); the job then pays for that inside its own
+    importing Ray (2-3 s here); the job would pay for that inside its own
     clock, which a job submitted to a running cluster, the case measured
     here, does not.
     """
     import ray
 
+    from cxr_ray.screen.job import connect
+
     @ray.remote(num_cpus=1)
     def ready() -> int:
         return os.getpid()
 
-    ray.get([ready.remote() for _ in range(cores)])
+    started = connect(None)
+    try:
+        if started:
+            ray.get([ready.remote() for _ in range(cores)])
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def ray_job(config) -> dict:
@@ -475,16 +486,9 @@ def _tiny_archive(directory: Path, n: int) -> None:
 
 
 def memory_check(args, artifact: str, work: Path, cores: int) -> dict:
-    import ray
-
-    from cxr_ray.screen.job import connect
-
     sizes = [int(s) for s in args.memory_sizes.split(",")]
     results = []
-    started = connect(None)
-    try:
-        if started:
-            warm_worker_pool(cores)
+    with ready_ray(cores):
         for n in sizes:
             archive = work / f"tiny-{n}"
             _tiny_archive(archive, n)
@@ -501,9 +505,6 @@ def memory_check(args, artifact: str, work: Path, cores: int) -> dict:
                     "processes_at_peak": sampler.peak_processes,
                 }
             )
-    finally:
-        if started:
-            ray.shutdown()
     growth = (
         results[-1]["peak_pss_mib"] / results[0]["peak_pss_mib"] - 1 if len(results) > 1 else 0.0
     )
@@ -514,12 +515,10 @@ def memory_check(args, artifact: str, work: Path, cores: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
     import torch
 
     from cxr_ray.artifact import load_card
     from cxr_ray.errors import UsageError
-    from cxr_ray.screen.job import connect
 
     cores = _cores()
     default_threads = torch.get_num_threads()  # what a plain PyTorch script gets
@@ -566,16 +565,8 @@ def run(args: argparse.Namespace) -> int:
             bound_images_per_s=bound,
         )
 
-        started = connect(None)
-        try:
-            if started:
-                warm_worker_pool(cores)
-            report["ray_job"] = ray_job(
-                _job_config(args, artifact, manifest, str(work / "out"))
-            )
-        finally:
-            if started:
-                ray.shutdown()
+        with ready_ray(cores):
+            report["ray_job"] = ray_job(_job_config(args, artifact, manifest, str(work / "out")))
         if not args.skip_baseline:
             torch.set_num_threads(default_threads)  # backend_costs pinned this process to 1 thread
             report["baseline"] = plain_pytorch(artifact, paths, args.batch_size, cores)

@@ -90,6 +90,7 @@ COLOUR_PHOTOMETRICS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "
 
 _PIXEL_DATA = 0x7FE00010
 _FLOAT_PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009})
+_ANY_PIXEL_DATA = _FLOAT_PIXEL_DATA | {_PIXEL_DATA}
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -183,11 +184,14 @@ def _read_header(data: bytes, name: str, preamble: bool, max_header_bytes: int) 
         )
     windowed = len(data) > max_header_bytes
     head = data[:max_header_bytes] if windowed else data
-    too_large = DecodeError(
-        "too_large",
-        f"{name}: DICOM header (everything before Pixel Data) is over {max_header_bytes} bytes "
-        "(DecodePolicy.max_header_bytes)",
-    )
+
+    def too_large() -> DecodeError:
+        return DecodeError(
+            "too_large",
+            f"{name}: DICOM header (everything before Pixel Data) is over {max_header_bytes} bytes "
+            "(DecodePolicy.max_header_bytes)",
+        )
+
     fp = BytesIO(head)
     try:
         ds = pydicom.dcmread(fp, force=not preamble, stop_before_pixels=True)
@@ -196,7 +200,7 @@ def _read_header(data: bytes, name: str, preamble: bool, max_header_bytes: int) 
         raise DecodeError(code, f"{name}: not a readable DICOM dataset") from None
     except (EOFError, struct.error):
         if windowed:
-            raise too_large from None
+            raise too_large() from None
         raise DecodeError(
             "truncated", f"{name}: DICOM header ends early (file is truncated)"
         ) from None
@@ -205,7 +209,7 @@ def _read_header(data: bytes, name: str, preamble: bool, max_header_bytes: int) 
             "corrupt", f"{name}: DICOM header could not be parsed ({type(exc).__name__})"
         ) from None
     if windowed and not _at_pixel_data(head, fp.tell(), ds):
-        raise too_large
+        raise too_large()
     return ds, fp.tell()
 
 
@@ -215,7 +219,7 @@ def _at_pixel_data(data: bytes, pos: int, ds: Dataset) -> bool:
         return False
     little = ds.original_encoding[1] is not False
     group, element = struct.unpack_from("<HH" if little else ">HH", data, pos)
-    return (group << 16 | element) in _FLOAT_PIXEL_DATA | {_PIXEL_DATA}
+    return (group << 16 | element) in _ANY_PIXEL_DATA
 
 
 def _declares_deflate(data: bytes) -> bool:
@@ -575,7 +579,9 @@ def _decode_frame(
         and hdr.bits_allocated == 8
         and hdr.pixel_representation == 0
     ):
-        pixels = _decode_jpeg_with_pillow(stream, hdr, policy, name, target_size)
+        pixels = _pillow_or_none(
+            raster.decode_jpeg_grey, stream.frame, name, policy.max_pixels, target_size, (hdr.cols, hdr.rows)
+        )
         if pixels is not None:
             return pixels
     if (
@@ -587,7 +593,10 @@ def _decode_frame(
         # pydicom reconciles a codestream that disagrees with the header; leave those to it
         and (stream.components, stream.precision, stream.signed) == (1, hdr.bits_stored, False)
     ):
-        pixels = _decode_j2k_with_pillow(stream, hdr, policy, name, target_size)
+        pixels = _pillow_or_none(
+            raster.decode_j2k_grey,
+            stream.frame, name, policy.max_pixels, target_size, (hdr.cols, hdr.rows), hdr.bits_stored,
+        )
         if pixels is not None:
             return pixels
     try:
@@ -615,27 +624,11 @@ def _decode_frame(
     return pixels
 
 
-def _decode_jpeg_with_pillow(
-    stream: _Codestream, hdr: _Header, policy: DecodePolicy, name: str, target_size: int | None
-) -> np.ndarray | None:
-    """8-bit grey JPEG frame through Pillow (DCT scaling); None means let pydicom try."""
+def _pillow_or_none(decode, *args) -> np.ndarray | None:
+    """A frame through one of Pillow's reduced-size decoders (JPEG DCT scaling, JPEG 2000
+    resolution levels); None lets pydicom's decoder try it instead, whatever Pillow refused."""
     try:
-        return raster.decode_jpeg_grey(
-            stream.frame, name, policy.max_pixels, target_size, expected_size=(hdr.cols, hdr.rows)
-        )
-    except (DecodeError, ValueError, OSError):
-        return None
-
-
-def _decode_j2k_with_pillow(
-    stream: _Codestream, hdr: _Header, policy: DecodePolicy, name: str, target_size: int
-) -> np.ndarray | None:
-    """Unsigned grey JPEG 2000 frame at reduced resolution; None means let pydicom decode it
-    (a codestream feature Pillow's OpenJPEG build turns down)."""
-    try:
-        return raster.decode_j2k_grey(
-            stream.frame, name, policy.max_pixels, target_size, (hdr.cols, hdr.rows), hdr.bits_stored
-        )
+        return decode(*args)
     except (DecodeError, ValueError, OSError):
         return None
 
