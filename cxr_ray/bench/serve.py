@@ -8,7 +8,7 @@ One run measures, on the same machine and image:
   its time per image in a full batch (``max_batch_size``), i.e. the most any
   batching policy can gain on this hardware when the model is the bottleneck
   (GPUs: several x; CPUs: little, their cost per image barely drops);
-* per mode (``batched``: ``@serve.batch`` on; ``unbatched``: one backend call
+* per mode (``batched``: dynamic batching on; ``unbatched``: one backend call
   per request), the same app deployed on a loopback Serve proxy in turn:
   single-request latency (sequential, p50 / p95) and throughput at 1, 4 and
   16 concurrent HTTP clients, plus the server's own decode / model times and
@@ -211,6 +211,25 @@ def _median_ms(fn, repeats: int) -> float:
     return round(statistics.median(times), 3)
 
 
+def _interleaved_medians_ms(single, full, per_round: int, rounds: int) -> tuple[float, float]:
+    """Medians of ``single()`` and ``full()`` timed in alternation: ``per_round`` singles, then one full.
+
+    Alternating keeps a host that drifts over seconds (shared VMs: the same call
+    measured 30-50 ms minutes apart) from biasing their ratio, the batching ceiling.
+    """
+    single(), full()  # warm-up
+    singles, fulls = [], []
+    for _ in range(rounds):
+        for _ in range(per_round):
+            start = time.perf_counter()
+            single()
+            singles.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        full()
+        fulls.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(singles), 3), round(statistics.median(fulls), 3)
+
+
 def local_timings(
     model: str, image: bytes, *, backend: str, threads: int, precision: str = "auto", repeats: int = 30,
     max_batch_size: int = 16,
@@ -232,8 +251,10 @@ def local_timings(
     tensor = decode()[None]
     engine = load_backend(model, backend, precision=precision, num_threads=threads)
     full = np.repeat(tensor, max_batch_size, axis=0)
-    model_ms = _median_ms(lambda: engine.predict(tensor), repeats)
-    full_ms = _median_ms(lambda: engine.predict(full), max(3, repeats // max_batch_size))
+    model_ms, full_ms = _interleaved_medians_ms(
+        lambda: engine.predict(tensor), lambda: engine.predict(full), max_batch_size,
+        rounds=max(3, repeats // max_batch_size),
+    )
     return {
         "decode_ms": _median_ms(decode, repeats),
         "model_ms": model_ms,

@@ -5,7 +5,7 @@ Two topologies (``ServeArgs.topology``), same API, same numbers:
 ``fused`` (default)
     One deployment: each ``CxrIngress`` replica reads the request, decodes and
     preprocesses it in a worker thread, and feeds its own batched
-    :class:`~cxr_ray.serve.predictor.CxrPredictor` (``@serve.batch``). One hop
+    :class:`~cxr_ray.serve.predictor.CxrPredictor` (dynamic batching). One hop
     (proxy -> replica) per request. On CPU nodes this is the faster layout: the
     split one spent about 50 CPU-ms per request on the extra hop (serialising the
     tensor, a second replica's request handling), as much as DenseNet-121 itself.

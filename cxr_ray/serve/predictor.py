@@ -3,8 +3,9 @@
 A deployment of its own in the split topology, a plain object inside each
 ingress replica in the fused one (:mod:`cxr_ray.serve.app`). Requests arrive
 already decoded and preprocessed ((1, S, S) float32), so it spends its time in
-the backend only: ``@serve.batch``
-stacks concurrent requests into one ``Backend.predict`` call. The same
+the backend only: concurrent requests (everything that queued while the previous
+batch ran) go into one ``Backend.predict`` call
+(:class:`~cxr_ray.serve.batching.OpportunisticBatcher`). The same
 :func:`~cxr_ray.backends.select.load_backend` and artifact as the screening job
 give the same numbers.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from ray import serve
 
 from cxr_ray.serve.api import card_summary
+from cxr_ray.serve.batching import OpportunisticBatcher
 from cxr_ray.serve.config import ServeArgs
 
 logger = logging.getLogger("ray.serve")
@@ -52,8 +54,11 @@ class CxrPredictor:
         self._torch_model = None
         self._explainers: dict[str, Any] = {}
         self._probe = np.zeros((1, *self.backend.input_spec.shape), dtype=np.float32)
-        self._predict_batched.set_max_batch_size(self.args.max_batch_size)
-        self._predict_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._batcher = OpportunisticBatcher(
+            self._run_backend,
+            max_batch_size=self.args.max_batch_size,
+            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+        )
         logger.info(
             "cxr-ray predictor ready: model=%s version=%s backend=%s batching=%s max_batch_size=%d",
             self.card.name, self.card.version, self.backend.name, self.args.batching, self.args.max_batch_size,
@@ -63,21 +68,21 @@ class CxrPredictor:
     async def predict(self, image: np.ndarray) -> dict[str, Any]:
         """(1, S, S) preprocessed image -> {"probabilities": [K], "batch_size", "model_ms"}."""
         if self.args.batching:
-            return await self._predict_batched(image)
+            return await self._batcher.submit(image)
         return (await self._run_backend([image]))[0]
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _predict_batched(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return await self._run_backend(images)
 
     async def _run_backend(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         batch = np.stack(images).astype(np.float32, copy=False)
-        start = time.perf_counter()
         # The model thread keeps the event loop free to admit the next batch.
-        probs = await asyncio.get_running_loop().run_in_executor(self._model_thread, self.backend.predict, batch)
-        model_ms = (time.perf_counter() - start) * 1000
+        probs, model_ms = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._timed_predict, batch)
         n = len(images)
         return [{"probabilities": row.tolist(), "batch_size": n, "model_ms": model_ms} for row in probs]
+
+    def _timed_predict(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """On the model thread: (probabilities, ms in the backend), not counting the wait for the thread."""
+        start = time.perf_counter()
+        probs = self.backend.predict(batch)
+        return probs, (time.perf_counter() - start) * 1000
 
     # ---- explanations ----------------------------------------------------
     async def explain(self, pixels: np.ndarray, method: str) -> str:
