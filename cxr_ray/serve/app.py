@@ -123,17 +123,41 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(500, "internal", "internal error; see the server log for this request id")
 
 
-@api.middleware("http")
-async def _access_log(request: Request, call_next):
-    """One line per request: id, route, status, latency, error code. Nothing about the patient."""
-    start = time.perf_counter()
-    response = await call_next(request)
-    logger.info(
-        "cxr-ray request_id=%s path=%s status=%d latency_ms=%.1f error_code=%s",
-        _request_id(request), request.url.path, response.status_code,
-        (time.perf_counter() - start) * 1000, getattr(request.state, "error_code", None) or "-",
-    )
-    return response
+class AccessLog:
+    """One line per request: id, route, status, latency, error code. Nothing about the patient.
+
+    Plain ASGI rather than ``@api.middleware("http")``: Starlette's BaseHTTPMiddleware
+    added 0.35 ms to every request here (0.25 -> 0.6 ms for a bare 200 KB POST).
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # unless a response starts: an exception left the app
+
+        async def send_recording_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            request = Request(scope)  # shares scope["state"]: the id and error code the handlers set
+            logger.info(
+                "cxr-ray request_id=%s path=%s status=%d latency_ms=%.1f error_code=%s",
+                _request_id(request), scope.get("path", ""), status,
+                (time.perf_counter() - start) * 1000, getattr(request.state, "error_code", None) or "-",
+            )
+
+
+api.add_middleware(AccessLog)
 
 
 def _request_id(request: Request) -> str:
