@@ -138,6 +138,19 @@ def test_a_positive_wait_lets_a_batch_fill_after_its_first_request():
     assert batches == [[0, 1, 2, 3]] and results == [0, 10, 20, 30]
 
 
+def test_callers_of_a_batch_cut_short_by_shutdown_get_an_error():
+    async def scenario():
+        model = HeldModel()  # never released
+        batcher = OpportunisticBatcher(model, max_batch_size=4)
+        waiting = asyncio.ensure_future(batcher.submit(1))
+        await model.started.wait()
+        batcher._consumer.cancel()  # what the event loop's shutdown does to the consumer task
+        return await asyncio.gather(waiting, return_exceptions=True)
+
+    (error,) = asyncio.run(scenario())
+    assert isinstance(error, RuntimeError) and "stopped" in str(error)
+
+
 @pytest.mark.parametrize("kwargs", [{"max_batch_size": 0}, {"max_batch_size": 4, "batch_wait_timeout_s": -1}])
 def test_invalid_settings_are_refused(kwargs):
     async def noop(items):

@@ -18,15 +18,12 @@ after the first request of a batch for it to fill (worth it on GPUs).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-logger = logging.getLogger("ray.serve")
 
 
 class OpportunisticBatcher(Generic[Item, Result]):
@@ -112,11 +109,18 @@ class OpportunisticBatcher(Generic[Item, Result]):
             results = await self._run_batch([item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:  # the loop is shutting down: nobody waits forever
+            self._fail(batch, RuntimeError("the batcher stopped before this batch finished"))
+            raise
         except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Item, asyncio.Future]], exc: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
