@@ -201,14 +201,15 @@ def _percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3) if values else float("nan")
 
 
+def _elapsed_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
 def _median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 3)
+    return round(statistics.median(_elapsed_ms(fn) for _ in range(repeats)), 3)
 
 
 def _interleaved_medians_ms(single, full, per_round: int, rounds: int) -> tuple[float, float]:
@@ -220,13 +221,8 @@ def _interleaved_medians_ms(single, full, per_round: int, rounds: int) -> tuple[
     single(), full()  # warm-up
     singles, fulls = [], []
     for _ in range(rounds):
-        for _ in range(per_round):
-            start = time.perf_counter()
-            single()
-            singles.append((time.perf_counter() - start) * 1000)
-        start = time.perf_counter()
-        full()
-        fulls.append((time.perf_counter() - start) * 1000)
+        singles += [_elapsed_ms(single) for _ in range(per_round)]
+        fulls.append(_elapsed_ms(full))
     return round(statistics.median(singles), 3), round(statistics.median(fulls), 3)
 
 

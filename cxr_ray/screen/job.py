@@ -268,7 +268,6 @@ def _in_flight_per_actor(pass_name: str) -> int | None:
     return 1 if pass_name == ISOLATE_PASS else None
 
 
-
 @dataclass
 class PassResult:
     name: str

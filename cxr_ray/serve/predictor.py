@@ -54,10 +54,11 @@ class CxrPredictor:
         self._torch_model = None
         self._explainers: dict[str, Any] = {}
         self._probe = np.zeros((1, *self.backend.input_spec.shape), dtype=np.float32)
+        # Unbatched is the same queue with batches of one: one backend call per request.
         self._batcher = OpportunisticBatcher(
             self._run_backend,
-            max_batch_size=self.args.max_batch_size,
-            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+            max_batch_size=self.args.max_batch_size if self.args.batching else 1,
+            batch_wait_timeout_s=self.args.batch_wait_timeout_s if self.args.batching else 0.0,
         )
         logger.info(
             "cxr-ray predictor ready: model=%s version=%s backend=%s batching=%s max_batch_size=%d",
@@ -67,9 +68,7 @@ class CxrPredictor:
     # ---- inference -------------------------------------------------------
     async def predict(self, image: np.ndarray) -> dict[str, Any]:
         """(1, S, S) preprocessed image -> {"probabilities": [K], "batch_size", "model_ms"}."""
-        if self.args.batching:
-            return await self._batcher.submit(image)
-        return (await self._run_backend([image]))[0]
+        return await self._batcher.submit(image)
 
     async def _run_backend(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         batch = np.stack(images).astype(np.float32, copy=False)
