@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -87,13 +88,17 @@ def classification_report(
     threshold: float | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> dict:
     """Multi-class (and optional positive-vs-rest) metrics of ``probs`` (n, K) against ``y_true``.
 
     ``y_true`` holds class indices (or class names). 95% percentile-bootstrap
-    intervals (cases resampled with replacement, ``n_bootstrap`` times) are
-    given for accuracy, balanced accuracy, macro AUC and the binary
-    sensitivity, specificity and AUC; ``n_bootstrap=0`` skips them.
+    intervals (``n_bootstrap`` resamples with replacement) are given for
+    accuracy, balanced accuracy, macro AUC and the binary sensitivity,
+    specificity and AUC; ``n_bootstrap=0`` skips them. With ``groups`` (one
+    patient id per case) the resampled units are PATIENTS, each bringing all
+    of its images (a cluster bootstrap): images of one patient are not
+    independent, so resampling images would give intervals that are too narrow.
     """
     probs = np.asarray(probs, dtype=np.float64)
     classes = list(classes)
@@ -154,13 +159,18 @@ def classification_report(
         report["binary"] = _binary_report(y == pos, probs[:, pos], thr, positive_class)
 
     if n_bootstrap > 0:
-        samples = _bootstrap(y, probs, pred, pos, thr, n_bootstrap, seed)
+        codes = None if groups is None else _group_codes(groups, n)
+        samples = _bootstrap(y, probs, pred, pos, thr, n_bootstrap, seed, codes)
         report["ci95"] = {name: _percentile_ci(samples[name]) for name in ("accuracy", "balanced_accuracy", "macro_auc")}
         if pos is not None:
             report["binary"]["ci95"] = {
                 name: _percentile_ci(samples[f"binary_{name}"]) for name in ("sensitivity", "specificity", "auc")
             }
-        report["bootstrap"] = {"n_resamples": int(n_bootstrap), "seed": int(seed), "method": "percentile", "level": CI_LEVEL}
+        report["bootstrap"] = {
+            "n_resamples": int(n_bootstrap), "seed": int(seed), "method": "percentile", "level": CI_LEVEL,
+            "unit": "case" if codes is None else "patient",
+            "units": int(n if codes is None else codes.max() + 1),
+        }
     return report
 
 
@@ -207,10 +217,35 @@ def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray)
         return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
 
 
+def _group_codes(groups: Sequence, n: int) -> np.ndarray:
+    """Cluster index 0..G-1 of every case, numbered in order of first appearance.
+
+    That order makes the cluster bootstrap draw exactly what the case
+    bootstrap draws (same seed) when every patient has one image.
+    """
+    codes, _ = pd.factorize(pd.Series(np.asarray(groups, dtype=object)).astype(str), sort=False)
+    if len(codes) != n:
+        raise ValueError(f"groups has {len(codes)} entries but there are {n} cases")
+    return codes.astype(np.int64)
+
+
+def _resample_weights(rng: np.random.Generator, rows: int, n: int, codes: np.ndarray | None) -> np.ndarray:
+    """(rows, n) multiplicity of each case in ``rows`` resamples of cases (or of whole clusters)."""
+    units = n if codes is None else int(codes.max()) + 1
+    idx = rng.integers(0, units, size=(rows, units))
+    flat = (idx + (np.arange(rows) * units)[:, None]).ravel()
+    per_unit = np.bincount(flat, minlength=rows * units).reshape(rows, units).astype(np.float64)
+    return per_unit if codes is None else per_unit[:, codes]
+
+
 def _bootstrap(
-    y: np.ndarray, probs: np.ndarray, pred: np.ndarray, pos: int | None, threshold: float, n_boot: int, seed: int
+    y: np.ndarray, probs: np.ndarray, pred: np.ndarray, pos: int | None, threshold: float, n_boot: int, seed: int,
+    codes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Metric values on ``n_boot`` case resamples, computed as weighted sums (no Python loop per resample)."""
+    """Metric values on ``n_boot`` resamples, computed as weighted sums (no Python loop per resample).
+
+    ``codes`` (cluster index per case) resamples clusters instead of cases.
+    """
     rng = np.random.default_rng(seed)
     n, k = probs.shape
     onehot = np.eye(k)[y]  # (n, K)
@@ -224,10 +259,9 @@ def _bootstrap(
     chunk = max(1, min(n_boot, _BOOTSTRAP_CHUNK // n))
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(rows, n))
-        flat = (idx + (np.arange(rows) * n)[:, None]).ravel()
-        w = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
-        out["accuracy"].append(w @ correct / n)
+        w = _resample_weights(rng, rows, n, codes)
+        # a cluster resample's size varies: normalise by its own total
+        out["accuracy"].append(w @ correct / w.sum(axis=1))
         support = w @ onehot
         with np.errstate(invalid="ignore", divide="ignore"):
             recall = np.where(support > 0, (w @ hits) / np.where(support > 0, support, 1), np.nan)

@@ -121,3 +121,31 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def plot_reliability(curves: dict[str, dict], path: str | os.PathLike) -> str:
+    """Reliability diagram: accuracy against confidence per bin, one line per curve, with its ECE.
+
+    ``curves`` maps a label ("before calibration", "after") to a
+    :func:`cxr_ray.evaluate.calibration.reliability` record. The diagonal is
+    perfect calibration; bars at the bottom show how many cases each bin holds.
+    """
+    if not curves:
+        raise ValueError("no reliability curves to plot")
+    fig = _figure(5.2, 5.0)
+    ax, count_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="perfect calibration")
+    first = next(iter(curves.values()))
+    edges = np.asarray(first["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = (edges[1] - edges[0]) / (len(curves) + 1)
+    for i, (label, curve) in enumerate(curves.items()):
+        points = [(c, a) for c, a in zip(curve["confidence"], curve["accuracy"], strict=True) if c is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, linewidth=1.5,
+                label=f"{label} (ECE {curve['ece']:.3f})")
+        count_ax.bar(centres - 0.5 * (edges[1] - edges[0]) + (i + 0.5) * width, curve["count"], width=width,
+                     label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy", title="reliability (top-label confidence)")
+    ax.legend(loc="upper left", fontsize="small")
+    count_ax.set(xlabel="confidence", ylabel="cases")
+    return _save(fig, path)
