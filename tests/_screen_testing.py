@@ -26,7 +26,8 @@ def make_artifact(
     """A real mobilenet_v2 artifact at 64 px (random weights, fixed seed)."""
     import torch
 
-    from cxr_ray.artifact import new_card, save_artifact
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.card import new_card
     from cxr_ray.models.registry import build_model
 
     torch.manual_seed(seed)
@@ -36,7 +37,7 @@ def make_artifact(
     )
     save_artifact(directory, build_model("mobilenet_v2", len(CLASSES)).eval(), card)
     if onnx:  # as `cxr-ray export` would: actors then load the graph instead of exporting it
-        from cxr_ray.export.onnx import export_onnx
+        from cxr_ray.engines.onnxruntime.build import export_onnx
 
         export_onnx(directory)
     return str(directory)

@@ -28,8 +28,9 @@ def make_artifact(directory: Path, *, arch: str = "mobilenet_v2", image_size: in
     """
     import torch
 
-    from cxr_ray.artifact import new_card, save_artifact
     from cxr_ray.models import build_model
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.card import new_card
 
     torch.manual_seed(0)
     model = build_model(arch, len(CLASSES))
@@ -79,8 +80,8 @@ def deploy(args, *, name: str, route_prefix: str, timeout_s: float = 180) -> str
 
 @functools.lru_cache(maxsize=4)
 def _reference_backend(artifact: str):
-    from cxr_ray.artifact import load_card
-    from cxr_ray.backends.select import load_backend
+    from cxr_ray.engines.load import load_backend
+    from cxr_ray.models.artifact import load_card
 
     return load_card(artifact), load_backend(artifact, "auto")
 

@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_ray.artifact import ONNX_FILE, load_model, new_card, save_artifact
-from cxr_ray.backends.base import Backend
-from cxr_ray.backends.onnxruntime_backend import OnnxRuntimeBackend
-from cxr_ray.backends.select import (
-    BACKEND_NAMES,
-    REDUCED_PRECISION_ATOL,
-    load_backend,
-    resolve_backend_name,
-)
-from cxr_ray.backends.torch_backend import TorchBackend, cpu_has_native_bf16
+from cxr_ray.engines.base import Backend
+from cxr_ray.engines.load import REDUCED_PRECISION_ATOL, load_backend, resolve_backend_name
+from cxr_ray.engines.onnxruntime.build import export_onnx
+from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend
+from cxr_ray.engines.registry import BACKEND_NAMES
+from cxr_ray.engines.torch.runtime import TorchBackend, cpu_has_native_bf16
 from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
-from cxr_ray.export.onnx import export_onnx
+from cxr_ray.models.artifact import ONNX_FILE, load_model, save_artifact
+from cxr_ray.models.card import new_card
 from cxr_ray.models.registry import build_model
 
 CLASSES = ["covid", "normal", "pneumonia"]

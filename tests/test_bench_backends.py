@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from cxr_ray.artifact import new_card, save_artifact
 from cxr_ray.bench import backends as bench
+from cxr_ray.engines.onnxruntime.build import export_onnx
 from cxr_ray.errors import UsageError
-from cxr_ray.export.onnx import export_onnx
+from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.card import new_card
 from cxr_ray.models.registry import build_model
 
 

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr_ray.artifact import new_card, save_artifact
 from cxr_ray.cli import main as cli_main
 from cxr_ray.explain import (
     Explainer,
@@ -36,6 +35,8 @@ from cxr_ray.explain import (
 from cxr_ray.explain.localisation import summarise
 from cxr_ray.explain.methods import default_layer
 from cxr_ray.io.decode import decode_image
+from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.card import new_card
 from cxr_ray.models.registry import build_model, get_arch, list_archs
 
 CLASSES = ["covid", "normal", "pneumonia"]

@@ -129,7 +129,7 @@ def test_pneumonia_heatmaps_find_the_consolidation(report):
 
 
 def test_cli_evaluate_localisation_prints_json(phantom, tmp_path, capsys):
-    from cxr_ray.artifact import save_artifact
+    from cxr_ray.models.artifact import save_artifact
 
     save_artifact(tmp_path / "model", phantom["model"], phantom["card"])
     code = cli_main(

@@ -9,11 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_ray.artifact import ONNX_FILE, load_card, new_card, save_artifact, sha256_file
-from cxr_ray.errors import ArtifactError, UsageError
-from cxr_ray.export.onnx import (
-    INPUT_NAME,
-    OUTPUT_NAME,
+from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
+from cxr_ray.engines.onnxruntime.build import (
     ExportVerificationError,
     FixedAdaptiveAvgPool2d,
     ensure_onnx,
@@ -21,6 +18,9 @@ from cxr_ray.export.onnx import (
     export_onnx,
     verify_onnx,
 )
+from cxr_ray.errors import ArtifactError, UsageError
+from cxr_ray.models.artifact import ONNX_FILE, load_card, save_artifact, sha256_file
+from cxr_ray.models.card import new_card
 from cxr_ray.models.registry import build_model, get_arch, list_archs
 
 CLASSES = ["covid", "normal", "pneumonia"]
@@ -73,7 +73,7 @@ def test_fixed_adaptive_pool_equals_torch(in_size, out_size):
 
 
 def test_pool_rewrite_leaves_the_original_model_alone():
-    from cxr_ray.export.onnx import make_exportable
+    from cxr_ray.engines.onnxruntime.build import make_exportable
 
     model = build_model("vgg19", 3).eval()
     exportable = make_exportable(model, 64)  # 2x2 feature map -> 7x7 pool: rewritten, in a copy

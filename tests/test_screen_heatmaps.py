@@ -15,10 +15,11 @@ import torch
 from _screen_testing import CLASSES, make_archive, make_artifact, read_rows
 from PIL import Image
 
-from cxr_ray.artifact import new_card, save_artifact
 from cxr_ray.errors import DecodeError
 from cxr_ray.explain import Explainer, UnsupportedExplanationError
 from cxr_ray.io.decode import decode_image
+from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.card import new_card
 from cxr_ray.models.registry import build_model
 from cxr_ray.preprocess import preprocess
 from cxr_ray.screen.heatmaps import HeatmapWriter, heatmap_name
@@ -107,8 +108,8 @@ def test_an_overlay_exactly_for_each_flagged_ok_row(archive, screened):
 
 
 def test_the_overlay_is_the_explainer_output_for_the_positive_class(artifact, screened):
-    from cxr_ray.artifact import load_model
     from cxr_ray.explain import overlay_png_bytes
+    from cxr_ray.models.artifact import load_model
 
     out, _ = screened
     row = read_rows(out).dropna(subset=[HEATMAP_PATH]).iloc[0]

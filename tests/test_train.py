@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cxr_ray import cli
-from cxr_ray.artifact import load_model
+from cxr_ray.models.artifact import load_model
 from cxr_ray.synth import generate_archive
 
 EPOCHS = 10
@@ -220,7 +220,7 @@ def test_cv_is_interrupted_then_resumed_without_repeating_epochs(ray_cluster, tm
 
 
 def test_a_heatmap_grid_that_cannot_be_drawn_is_a_warning_not_a_failure(tmp_path, caplog):
-    from cxr_ray.artifact import new_card
+    from cxr_ray.models.card import new_card
     from cxr_ray.models.registry import build_model
     from cxr_ray.train.evaluation import pick_samples, write_heatmap_grid
 
@@ -247,7 +247,8 @@ def test_bad_usage_exits_2_before_starting_ray(tmp_path):
 @pytest.mark.parametrize("label_space", ["keep", "extend"])
 def test_init_from_an_artifact_keeps_output_neurons_of_shared_classes(tmp_path, label_space):
     """Twice transfer (Bassi & Attux) and DETL (Basu et al.): the starting weights the driver builds."""
-    from cxr_ray.artifact import new_card, save_artifact
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.card import new_card
     from cxr_ray.models.registry import build_model
     from cxr_ray.train.config import TrainConfig
     from cxr_ray.train.runner import initial_weights, resolve_classes

@@ -55,7 +55,7 @@ class BenchContext:
 
     def onnx(self) -> tuple[Path, str]:
         if self._onnx is None:
-            from cxr_ray.export.onnx import ensure_onnx
+            from cxr_ray.engines.onnxruntime.build import ensure_onnx
 
             self._onnx = ensure_onnx(self.root, self.card)
         return self._onnx
@@ -70,8 +70,8 @@ class Candidate:
 
 def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile: bool = False):
     def make(ctx: BenchContext):
-        from cxr_ray.artifact import load_model
-        from cxr_ray.backends.torch_backend import TorchBackend
+        from cxr_ray.engines.torch.runtime import TorchBackend
+        from cxr_ray.models.artifact import load_model
 
         model, card = load_model(str(ctx.root))
         return TorchBackend(
@@ -84,7 +84,7 @@ def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile
 
 def _onnxruntime(device: str):
     def make(ctx: BenchContext):
-        from cxr_ray.backends.onnxruntime_backend import OnnxRuntimeBackend
+        from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend
 
         path, sha = ctx.onnx()
         return OnnxRuntimeBackend(
@@ -97,12 +97,12 @@ def _onnxruntime(device: str):
 
 def _tensorrt(precision: str):
     def make(ctx: BenchContext):
-        from cxr_ray.backends.tensorrt_backend import TensorRTBackend
-        from cxr_ray.export.tensorrt import get_engine
+        from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
+        from cxr_ray.engines.tensorrt.runtime import TensorRTBackend
 
         path, sha = ctx.onnx()
-        record, _ = get_engine(ctx.root, ctx.card, path, sha, precision=precision, max_batch=ctx.max_batch,
-                               device=ctx.device)
+        build = PlanBuild(precision=precision, max_batch=ctx.max_batch, device=ctx.device)
+        record, _ = provide_plan(ctx.root, ctx.card, path, sha, build)
         return TensorRTBackend.from_engine_file(
             ctx.root / record["file"], record["sha256"], ctx.card.classes, ctx.card.image_size,
             device=ctx.device, precision=precision,
@@ -128,7 +128,7 @@ def candidates(device: str, *, compile: bool = False, bf16: bool = False) -> tup
 
     import onnxruntime
 
-    from cxr_ray.export.tensorrt import tensorrt_available
+    from cxr_ray.engines.tensorrt.runtime import tensorrt_available
 
     chosen = [
         Candidate(BASELINE, _torch(device, channels_last=False)),
@@ -180,7 +180,7 @@ def machine_info(device: str) -> dict:
     import onnxruntime
     import torch
 
-    from cxr_ray.backends.onnxruntime_backend import available_cpus
+    from cxr_ray.engines.onnxruntime.runtime import available_cpus
 
     trt_version = None
     if importlib.util.find_spec("tensorrt") is not None:
@@ -226,7 +226,7 @@ def run_benchmark(
     """Measure every available candidate on the artifact at ``root``; returns the report dict."""
     import numpy as np
 
-    from cxr_ray.artifact import load_card
+    from cxr_ray.models.artifact import load_card
 
     card = load_card(str(root))
     info = machine_info(device)
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, num_threads=args.threads, compile=args.compile, bf16=args.bf16, only=only,
     )
     if args.model:
-        from cxr_ray.artifact import load_card, localize
+        from cxr_ray.models.artifact import load_card, localize
 
         root = localize(args.model, args.s3_endpoint)
         card = load_card(str(root))
@@ -361,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from cxr_ray.artifact import new_card, save_artifact
+        from cxr_ray.models.artifact import save_artifact
+        from cxr_ray.models.card import new_card
         from cxr_ray.models.registry import build_model, get_arch
 
         spec = get_arch(args.arch)
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
             torch.manual_seed(0)
             card = new_card(name=f"bench-{args.arch}", arch=args.arch, classes=BENCH_CLASSES, image_size=size)
             save_artifact(tmp, build_model(args.arch, len(BENCH_CLASSES)), card)
-            from cxr_ray.export.onnx import export_onnx
+            from cxr_ray.engines.onnxruntime.build import export_onnx
 
             export_onnx(tmp)
             report = run_benchmark(Path(tmp), source="random-init", **common)

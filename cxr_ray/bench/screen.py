@@ -117,7 +117,8 @@ def _cores() -> int:
 def _artifact(args, work: Path) -> str:
     if args.model:
         return args.model
-    from cxr_ray.artifact import new_card, save_artifact
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.card import new_card
     from cxr_ray.models.registry import build_model
 
     card = new_card(
@@ -234,7 +235,7 @@ def backend_costs(
     """
     import numpy as np
 
-    from cxr_ray.backends.select import load_backend
+    from cxr_ray.engines.load import load_backend
 
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((batch_size, 1, image_size, image_size)).astype(np.float32)
@@ -403,7 +404,7 @@ def plain_pytorch(artifact: str, paths: list[str], batch_size: int, workers: int
     import torch
     from torch.utils.data import DataLoader
 
-    from cxr_ray.artifact import load_model
+    from cxr_ray.models.artifact import load_model
 
     model, card = load_model(artifact)
     cfg = card.preprocess_config
@@ -517,8 +518,8 @@ def memory_check(args, artifact: str, work: Path, cores: int) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cxr_ray.artifact import load_card
     from cxr_ray.errors import UsageError
+    from cxr_ray.models.artifact import load_card
 
     cores = _cores()
     default_threads = torch.get_num_threads()  # what a plain PyTorch script gets

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_ray.backends.select import BACKEND_NAMES, PRECISION_NAMES
+from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
 
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -159,8 +159,9 @@ def _random_artifact(directory: Path, arch: str, image_size: int) -> str:
     """Seeded random weights: the same version every run, so its ONNX export is cached."""
     import torch
 
-    from cxr_ray.artifact import new_card, save_artifact
     from cxr_ray.models import build_model
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.card import new_card
 
     torch.manual_seed(0)
     classes = ["covid", "normal", "pneumonia"]
@@ -231,9 +232,9 @@ def local_timings(
     max_batch_size: int = 16,
 ) -> dict:
     """decode + preprocess, one-image predict and full-batch predict, in this process (medians, ms)."""
-    from cxr_ray.artifact import load_card
-    from cxr_ray.backends.select import load_backend
+    from cxr_ray.engines.load import load_backend
     from cxr_ray.io.decode import decode_image
+    from cxr_ray.models.artifact import load_card
     from cxr_ray.preprocess import preprocess
 
     card = load_card(model)

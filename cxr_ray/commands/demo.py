@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import ray
 
-    from cxr_ray.export.onnx import export_onnx
+    from cxr_ray.engines.onnxruntime.build import export_onnx
     from cxr_ray.screen.job import ScreenConfig, run_screen
     from cxr_ray.synth import generate_archive
     from cxr_ray.train.config import TrainConfig

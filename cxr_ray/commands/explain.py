@@ -81,7 +81,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.artifact import load_model
+    from cxr_ray.models.artifact import load_model
 
     if args.layer and not args.method:
         raise UsageError("explain: --layer needs --method (the layer belongs to one method)")

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from cxr_ray.errors import UsageError
 
     if args.format == "onnx":
-        from cxr_ray.export.onnx import DEFAULT_ATOL, export_onnx
+        from cxr_ray.engines.onnxruntime.build import DEFAULT_ATOL, export_onnx
 
         result = export_onnx(
             args.model,
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.calibration is not None and args.precision != "int8":
             raise UsageError("--calibration is only used with --precision int8")
-        from cxr_ray.export.tensorrt import export_tensorrt
+        from cxr_ray.engines.tensorrt.build import export_tensorrt
 
         result = export_tensorrt(
             args.model,

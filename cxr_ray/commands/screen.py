@@ -14,8 +14,8 @@ import json
 import os
 import sys
 
-from cxr_ray.backends.select import BACKEND_NAMES as BACKENDS
-from cxr_ray.backends.select import PRECISION_NAMES
+from cxr_ray.engines.registry import BACKEND_NAMES as BACKENDS
+from cxr_ray.engines.registry import PRECISION_NAMES
 from cxr_ray.errors import UsageError
 
 

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 
-from cxr_ray.backends.select import BACKEND_NAMES, PRECISION_NAMES
+from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
 
 APP_NAME = "cxr-ray"
@@ -121,7 +121,7 @@ def curl_examples(url: str, api_key_env: str | None = None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     serve_args = build_args(args)
-    from cxr_ray.artifact import load_card
+    from cxr_ray.models.artifact import load_card
 
     load_card(serve_args.model, serve_args.s3_endpoint)  # fail here, not in a replica, on a bad path
 

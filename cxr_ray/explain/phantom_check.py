@@ -108,7 +108,7 @@ def train_phantom_model(
     import torch
     from torch import nn
 
-    from cxr_ray.artifact import new_card
+    from cxr_ray.models.card import new_card
     from cxr_ray.models.registry import build_model
 
     card = new_card(

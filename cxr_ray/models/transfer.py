@@ -146,8 +146,8 @@ def _read_source(
     if is_file:
         return load_state_dict(source, s3_endpoint=s3_endpoint), "state_dict", None, None
 
-    from cxr_ray.artifact import WEIGHTS_FILE, load_card, localize
     from cxr_ray.errors import ArtifactError
+    from cxr_ray.models.artifact import WEIGHTS_FILE, load_card, localize
 
     if "://" not in source and not Path(source).exists():
         raise WeightsError(f"{source}: no such artifact directory or weights file")

@@ -133,8 +133,8 @@ class HeatmapWriter:
     ) -> None:
         import torch
 
-        from cxr_ray.artifact import load_model
         from cxr_ray.explain.methods import Explainer
+        from cxr_ray.models.artifact import load_model
 
         if num_threads:
             torch.set_num_threads(int(num_threads))

@@ -40,12 +40,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from cxr_ray.artifact import ModelCard, load_card
-from cxr_ray.backends.select import check_precision
+from cxr_ray.engines.registry import check_precision
 from cxr_ray.errors import CxrRayError, UsageError
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.io.types import DecodePolicy
+from cxr_ray.models.artifact import load_card
+from cxr_ray.models.card import ModelCard
 from cxr_ray.ray_session import connect
 from cxr_ray.screen.heatmaps import (
     HeatmapWriter,

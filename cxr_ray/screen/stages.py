@@ -147,8 +147,8 @@ class Predictor:
     ) -> None:
         """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
         batches (``path`` tables in), None when a decode stage runs before it."""
-        from cxr_ray.artifact import load_card
-        from cxr_ray.backends.select import load_backend, resolve_backend_name
+        from cxr_ray.engines.load import load_backend, resolve_backend_name
+        from cxr_ray.models.artifact import load_card
 
         self.card = load_card(artifact, s3_endpoint)
         if backend == "auto" and device != "cpu":

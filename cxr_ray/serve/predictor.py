@@ -6,7 +6,7 @@ already decoded and preprocessed ((1, S, S) float32), so it spends its time in
 the backend only: concurrent requests (everything that queued while the previous
 batch ran) go into one ``Backend.predict`` call
 (:class:`~cxr_ray.serve.batching.OpportunisticBatcher`). The same
-:func:`~cxr_ray.backends.select.load_backend` and artifact as the screening job
+:func:`~cxr_ray.engines.load.load_backend` and artifact as the screening job
 give the same numbers.
 """
 
@@ -33,8 +33,8 @@ class CxrPredictor:
     """Batched inference plus (lazily) the torch model for explanations."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from cxr_ray.artifact import load_card, localize
-        from cxr_ray.backends.select import load_backend
+        from cxr_ray.engines.load import load_backend
+        from cxr_ray.models.artifact import load_card, localize
 
         self.args = ServeArgs.model_validate(args)
         # Localise once (s3:// -> cache) so the card, the backend and the torch
@@ -97,7 +97,7 @@ class CxrPredictor:
 
         explainer = self._explainers.get(method)
         if explainer is None:
-            from cxr_ray.artifact import load_model
+            from cxr_ray.models.artifact import load_model
 
             if self._torch_model is None:
                 self._torch_model, _ = load_model(self.artifact)

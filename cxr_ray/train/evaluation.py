@@ -94,11 +94,11 @@ def evaluate_artifact(
     use_gpu: bool = False,
     batch_size: int = 64,
 ) -> dict:
-    from cxr_ray.artifact import load_model
     from cxr_ray.data.labelled import grouping_key, read_labelled
     from cxr_ray.evaluate.metrics import classification_report
     from cxr_ray.evaluate.plots import plot_confusion, plot_roc
     from cxr_ray.io.storage import get_filesystem, is_remote
+    from cxr_ray.models.artifact import load_model
     from cxr_ray.train.ingest import decode_dataset, deterministic_order, subset
     from cxr_ray.train.predict import predict_probs
 

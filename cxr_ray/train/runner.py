@@ -95,8 +95,8 @@ def resolve_classes(cfg: TrainConfig, data_classes: list[str]) -> tuple[list[str
     """
     if not cfg.init:
         return data_classes, None
-    from cxr_ray.artifact import load_card
     from cxr_ray.errors import ArtifactError
+    from cxr_ray.models.artifact import load_card
 
     try:
         source_classes = list(load_card(cfg.init, cfg.s3_endpoint).classes)
@@ -145,7 +145,7 @@ def initial_weights(cfg: TrainConfig, classes: list[str], source_classes: list[s
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """List, decode (Ray Data, cached), drop undecodable files, assign patient groups."""
-    from cxr_ray.artifact import new_card
+    from cxr_ray.models.card import new_card
     from cxr_ray.train.ingest import decode_dataset
 
     started = time.perf_counter()
@@ -445,9 +445,10 @@ def _write_outputs(
     Grad-CAM grid (:func:`~cxr_ray.train.evaluation.write_heatmap_grid`); when it cannot be
     drawn, a warning and ``metrics.json["heatmaps"]["error"]``, never a failed run.
     """
-    from cxr_ray.artifact import new_card, save_artifact
     from cxr_ray.evaluate.plots import plot_confusion, plot_roc, plot_training_curves
     from cxr_ray.io.storage import get_filesystem, is_remote
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.card import new_card
     from cxr_ray.models.registry import build_model
     from cxr_ray.train.evaluation import HEATMAP_GRID_FILE, write_heatmap_grid
 
