@@ -27,8 +27,8 @@ def make_artifact(
     import torch
 
     from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.build import build_model
     from cxr_ray.models.card import new_card
-    from cxr_ray.models.registry import build_model
 
     torch.manual_seed(seed)
     card = new_card(

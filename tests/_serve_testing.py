@@ -28,8 +28,8 @@ def make_artifact(directory: Path, *, arch: str = "mobilenet_v2", image_size: in
     """
     import torch
 
-    from cxr_ray.models import build_model
     from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.build import build_model
     from cxr_ray.models.card import new_card
 
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cxr_ray.errors import ArtifactError
-from cxr_ray.models import build_model
 from cxr_ray.models.artifact import CARD_FILE, WEIGHTS_FILE, load_card, load_model, save_artifact
+from cxr_ray.models.build import build_model
 from cxr_ray.models.card import new_card
 
 CLASSES = ["covid", "normal", "pneumonia"]

@@ -16,8 +16,8 @@ from cxr_ray.engines.registry import BACKEND_NAMES
 from cxr_ray.engines.torch.runtime import TorchBackend, cpu_has_native_bf16
 from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
 from cxr_ray.models.artifact import ONNX_FILE, load_model, save_artifact
+from cxr_ray.models.build import build_model
 from cxr_ray.models.card import new_card
-from cxr_ray.models.registry import build_model
 
 CLASSES = ["covid", "normal", "pneumonia"]
 SIZE = 64

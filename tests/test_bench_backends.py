@@ -12,8 +12,8 @@ from cxr_ray.bench import backends as bench
 from cxr_ray.engines.onnxruntime.build import export_onnx
 from cxr_ray.errors import UsageError
 from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.build import build_model
 from cxr_ray.models.card import new_card
-from cxr_ray.models.registry import build_model
 
 
 @pytest.fixture(autouse=True)

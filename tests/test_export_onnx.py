@@ -20,8 +20,9 @@ from cxr_ray.engines.onnxruntime.build import (
 )
 from cxr_ray.errors import ArtifactError, UsageError
 from cxr_ray.models.artifact import ONNX_FILE, load_card, save_artifact, sha256_file
+from cxr_ray.models.build import build_model
 from cxr_ray.models.card import new_card
-from cxr_ray.models.registry import build_model, get_arch, list_archs
+from cxr_ray.models.registry import get_arch, list_archs
 
 CLASSES = ["covid", "normal", "pneumonia"]
 

@@ -21,7 +21,9 @@ from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image
 from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import preprocess
-from cxr_ray.screen.job import ScreenConfig, plan_layout, run_screen
+from cxr_ray.screen.config import ScreenConfig
+from cxr_ray.screen.job import run_screen
+from cxr_ray.screen.resources import plan_layout
 from cxr_ray.screen.schema import prob_column
 
 PROBS = [prob_column(c) for c in CLASSES]

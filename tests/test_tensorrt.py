@@ -19,8 +19,8 @@ from PIL import Image
 
 from cxr_ray.errors import ArtifactError, BackendUnavailableError
 from cxr_ray.models.artifact import ENGINES_DIR, load_card, load_model, save_artifact
+from cxr_ray.models.build import build_model
 from cxr_ray.models.card import new_card
-from cxr_ray.models.registry import build_model
 
 CLASSES = ["covid", "normal", "pneumonia"]
 SIZE = 64

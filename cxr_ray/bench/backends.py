@@ -362,8 +362,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         from cxr_ray.models.artifact import save_artifact
+        from cxr_ray.models.build import build_model
         from cxr_ray.models.card import new_card
-        from cxr_ray.models.registry import build_model, get_arch
+        from cxr_ray.models.registry import get_arch
 
         spec = get_arch(args.arch)
         size = args.image_size or spec.default_image_size

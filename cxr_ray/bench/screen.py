@@ -118,8 +118,8 @@ def _artifact(args, work: Path) -> str:
     if args.model:
         return args.model
     from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.build import build_model
     from cxr_ray.models.card import new_card
-    from cxr_ray.models.registry import build_model
 
     card = new_card(
         name=f"bench-{args.arch}",
@@ -273,7 +273,7 @@ def backend_costs(
 def _job_config(args, artifact: str, inputs: str, output: str):
     """The job as a user runs it: the CLI's defaults unless a flag here overrides them."""
     from cxr_ray.commands.screen import _actors
-    from cxr_ray.screen.job import ScreenConfig
+    from cxr_ray.screen.config import ScreenConfig
 
     return ScreenConfig(
         model=artifact,
@@ -303,7 +303,7 @@ def ready_ray(cores: int):
     """
     import ray
 
-    from cxr_ray.screen.job import connect
+    from cxr_ray.ray_session import connect
 
     @ray.remote(num_cpus=1)
     def ready() -> int:
@@ -322,7 +322,8 @@ def ready_ray(cores: int):
 def ray_job(config) -> dict:
     import ray
 
-    from cxr_ray.screen.job import plan_layout, run_screen
+    from cxr_ray.screen.job import run_screen
+    from cxr_ray.screen.resources import plan_layout
 
     layout = plan_layout(config, ray.cluster_resources())
 

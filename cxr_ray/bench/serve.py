@@ -159,8 +159,8 @@ def _random_artifact(directory: Path, arch: str, image_size: int) -> str:
     """Seeded random weights: the same version every run, so its ONNX export is cached."""
     import torch
 
-    from cxr_ray.models import build_model
     from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.build import build_model
     from cxr_ray.models.card import new_card
 
     torch.manual_seed(0)
@@ -279,7 +279,6 @@ async def _load(url: str, image: bytes, *, requests: int, concurrency: int) -> d
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-
         async def worker() -> None:
             for _ in remaining:
                 start = time.perf_counter()

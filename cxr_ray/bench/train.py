@@ -2,7 +2,7 @@
 
 Both loops train the same architecture on the same images (a phantom archive
 decoded and preprocessed once, in this process) with the same optimizer, the
-same step function (:func:`cxr_ray.train.loop.train_one_epoch`: AMP +
+same step function (:func:`cxr_ray.train.steps.train_one_epoch`: AMP +
 channels_last on GPU) and the same batch size, for the same number of steps
 after the same warm-up steps:
 
@@ -99,7 +99,7 @@ def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[
     import torch
     from torch import nn
 
-    from cxr_ray.train.loop import amp_settings, train_one_epoch
+    from cxr_ray.train.steps import amp_settings, train_one_epoch
 
     amp_dtype, needs_scaler = amp_settings(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -121,7 +121,7 @@ def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from cxr_ray.models.registry import build_model
+    from cxr_ray.models.build import build_model
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -152,7 +152,7 @@ def _ray_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from cxr_ray.models.registry import build_model
+    from cxr_ray.models.build import build_model
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)

@@ -44,6 +44,7 @@ from io import BytesIO
 
 import numpy as np
 import pydicom
+from openjpeg import get_parameters  # pylibjpeg-openjpeg: pydicom's JPEG 2000 plugin
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
@@ -544,8 +545,6 @@ def _read_codestream(src: bytes, hdr: _Header, name: str) -> _Codestream | None:
             raise DecodeError("corrupt", f"{name}: the {ts.name} frame has no readable JPEG header")
         stream = _Codestream(frame, info["height"], info["width"], info["components"], info["precision"], False)
     else:
-        from openjpeg import get_parameters  # pylibjpeg-openjpeg: pydicom's JPEG 2000 plugin
-
         try:
             info = get_parameters(frame)
         except Exception:  # noqa: BLE001 - OpenJPEG's header reader: RuntimeError, ValueError, ...

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from cxr_ray.errors import CxrRayError, DecodeError
 from cxr_ray.io.decode import decode_image
-from cxr_ray.io.storage import read_bytes
+from cxr_ray.io.storage import expand_inputs, read_bytes
 from cxr_ray.io.types import DecodedImage, DecodePolicy
 
 HEADER_ALLOWANCE = 16 << 20  # bytes a file may hold beyond its pixels (DICOM headers, PNG chunks)
@@ -104,3 +105,20 @@ def load_input(uri: str, policy: InputPolicy, *, data: bytes | None = None, name
         data, name, policy=policy.decode, pseudonym_key=policy.pseudonym_key, target_size=policy.target_size
     )
     return LoadedInput(uri=uri, name=name, image=image, nbytes=len(data), sha256=digest)
+
+
+def expand_reporting(specs: Iterable[str], s3_endpoint: str | None = None) -> Iterator[tuple[str, DecodeError | None]]:
+    """``(uri, None)`` per input file of ``specs``, and ``(spec, error)`` for a spec that could
+    not be listed or matched nothing: a typo is reported, never silently dropped, and the
+    other specs go on (``cxr-ray inspect`` and ``cxr-ray explain``)."""
+    for spec in specs:
+        found = False
+        try:
+            for uri in expand_inputs(spec, s3_endpoint=s3_endpoint):
+                found = True
+                yield uri, None
+        except Exception as exc:  # noqa: BLE001 - missing input, bad glob, unreachable bucket: report, go on
+            yield str(spec), listing_error(spec, exc)
+            continue
+        if not found:
+            yield str(spec), DecodeError("read_failed", f"{spec}: matched no files")

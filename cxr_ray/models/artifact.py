@@ -27,8 +27,8 @@ from torch import nn
 
 from cxr_ray.errors import ArtifactError
 from cxr_ray.io.storage import get_filesystem
+from cxr_ray.models.build import build_model
 from cxr_ray.models.card import ModelCard
-from cxr_ray.models.registry import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"

@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
-from typing import Literal, get_args
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from cxr_ray.models.registry import backbone_blocks, get_arch, get_submodule
+from cxr_ray.errors import ArtifactError
+from cxr_ray.models.artifact import WEIGHTS_FILE, load_card, localize
+from cxr_ray.models.build import backbone_blocks, get_submodule
+from cxr_ray.models.modes import TRAIN_MODES, TrainMode
+from cxr_ray.models.registry import get_arch
 from cxr_ray.models.weights import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
     WeightsError,
     load_state_dict,
 )
-
-TrainMode = Literal["scratch", "frozen", "finetune"]
-TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
-
 
 # --------------------------------------------------------------------------- label spaces
 
@@ -146,8 +145,6 @@ def _read_source(
     if is_file:
         return load_state_dict(source, s3_endpoint=s3_endpoint), "state_dict", None, None
 
-    from cxr_ray.errors import ArtifactError
-    from cxr_ray.models.artifact import WEIGHTS_FILE, load_card, localize
 
     if "://" not in source and not Path(source).exists():
         raise WeightsError(f"{source}: no such artifact directory or weights file")

@@ -25,8 +25,10 @@ from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from cxr_ray.errors import UsageError
+from cxr_ray.io.storage import read_bytes
 from cxr_ray.models.registry import ArchSpec, get_arch
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -58,7 +60,6 @@ def load_state_dict(uri: str, s3_endpoint: str | None = None) -> dict[str, torch
     (``s3://``). Checkpoint containers are unwrapped (``{"state_dict": ...}``,
     ``{"model": ...}``) and DDP's ``module.`` prefix is removed.
     """
-    from cxr_ray.io.storage import read_bytes
 
     uri = os.fspath(uri)
     try:
@@ -67,8 +68,6 @@ def load_state_dict(uri: str, s3_endpoint: str | None = None) -> dict[str, torch
         raise WeightsError(f"{uri}: weights file not found") from exc
     kind = _file_kind(uri, data)
     if kind == "safetensors":
-        from safetensors.torch import load as load_safetensors
-
         try:
             state = load_safetensors(data)
         except Exception as exc:  # safetensors raises its own SafetensorError

@@ -22,6 +22,10 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data import DataContext
 
 from cxr_ray.data.labelled import decode_batch, grouping_key
 
@@ -36,7 +40,6 @@ def deterministic_order():
     Together with the seeded row shuffle and local shuffle this makes a run
     repeatable, and a resumed run sees the same data order as the original.
     """
-    from ray.data import DataContext
 
     options = DataContext.get_current().execution_options
     saved = options.preserve_order
@@ -65,7 +68,6 @@ def decode_dataset(
     Returns ``(dataset, meta)``: the materialized dataset (``row_id``,
     ``label``, ``image`` and the metadata columns) and the metadata as pandas.
     """
-    import ray
 
     source = ray.data.from_pandas(_blocks(frame[["row_id", "path", "label"]].reset_index(drop=True), rows_per_block))
     decoded = source.map_batches(
@@ -83,8 +85,6 @@ def subset(decoded, row_ids, *, columns: list[str] = TENSOR_COLUMNS):
 
     Filtered as Arrow tables so that blocks left empty keep the tensor column type.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     ids = pa.array(np.unique(np.asarray(list(row_ids), dtype=np.int64)))
 

@@ -115,7 +115,6 @@ def make_exportable(model: nn.Module, image_size: int) -> nn.Module:
     hooks = []
     for name, module in model.named_modules():
         if type(module) is nn.AdaptiveAvgPool2d:
-
             def record(mod, args, name=name):
                 seen[name] = tuple(int(v) for v in args[0].shape[-2:])
 
