@@ -39,6 +39,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
+import torch
+
+from cxr_ray.engines.onnxruntime.build import ensure_onnx, export_onnx
+from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend, available_cpus
+from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
+from cxr_ray.engines.tensorrt.runtime import TensorRTBackend, tensorrt_available
+from cxr_ray.engines.torch.runtime import TorchBackend
+from cxr_ray.errors import UsageError
+from cxr_ray.models.artifact import load_card, load_model, localize, save_artifact
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import new_card
+from cxr_ray.models.registry import get_arch
+
 BASELINE = "torch-eager-nchw-fp32"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
 BENCH_CLASSES = ["covid", "normal", "pneumonia"]
@@ -55,8 +70,6 @@ class BenchContext:
 
     def onnx(self) -> tuple[Path, str]:
         if self._onnx is None:
-            from cxr_ray.engines.onnxruntime.build import ensure_onnx
-
             self._onnx = ensure_onnx(self.root, self.card)
         return self._onnx
 
@@ -70,9 +83,6 @@ class Candidate:
 
 def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile: bool = False):
     def make(ctx: BenchContext):
-        from cxr_ray.engines.torch.runtime import TorchBackend
-        from cxr_ray.models.artifact import load_model
-
         model, card = load_model(str(ctx.root))
         return TorchBackend(
             model, card.classes, card.image_size, device=device, precision=precision,
@@ -84,8 +94,6 @@ def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile
 
 def _onnxruntime(device: str):
     def make(ctx: BenchContext):
-        from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend
-
         path, sha = ctx.onnx()
         return OnnxRuntimeBackend(
             path, ctx.card.classes, ctx.card.image_size, device=device, num_threads=ctx.num_threads,
@@ -97,9 +105,6 @@ def _onnxruntime(device: str):
 
 def _tensorrt(precision: str):
     def make(ctx: BenchContext):
-        from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
-        from cxr_ray.engines.tensorrt.runtime import TensorRTBackend
-
         path, sha = ctx.onnx()
         build = PlanBuild(precision=precision, max_batch=ctx.max_batch, device=ctx.device)
         record, _ = provide_plan(ctx.root, ctx.card, path, sha, build)
@@ -126,9 +131,7 @@ def candidates(device: str, *, compile: bool = False, bf16: bool = False) -> tup
             chosen.append(Candidate("torch-eager-cl-bf16", _torch("cpu", channels_last=True, precision="bf16"), exact=False))
         return chosen, skipped
 
-    import onnxruntime
 
-    from cxr_ray.engines.tensorrt.runtime import tensorrt_available
 
     chosen = [
         Candidate(BASELINE, _torch(device, channels_last=False)),
@@ -176,11 +179,7 @@ def _cpu_model() -> str:
 
 
 def machine_info(device: str) -> dict:
-    import numpy as np
-    import onnxruntime
-    import torch
 
-    from cxr_ray.engines.onnxruntime.runtime import available_cpus
 
     trt_version = None
     if importlib.util.find_spec("tensorrt") is not None:
@@ -224,9 +223,7 @@ def run_benchmark(
     source: str = "artifact",
 ) -> dict:
     """Measure every available candidate on the artifact at ``root``; returns the report dict."""
-    import numpy as np
 
-    from cxr_ray.models.artifact import load_card
 
     card = load_card(str(root))
     info = machine_info(device)
@@ -234,8 +231,6 @@ def run_benchmark(
     if only:
         unknown = sorted(set(only) - {c.name for c in chosen} - {s["backend"] for s in skipped})
         if unknown:
-            from cxr_ray.errors import UsageError
-
             raise UsageError(f"unknown backends {unknown}; here: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in only or c.name == BASELINE]
     ctx = BenchContext(root=root, card=card, device=device, num_threads=num_threads, max_batch=max(batch_sizes))
@@ -248,7 +243,6 @@ def run_benchmark(
                 raise
             skipped.append({"backend": cand.name, "reason": f"{type(exc).__name__}: {exc}"})
     exact = {c.name: c.exact for c in chosen}
-    import torch
 
     info["torch_threads"] = torch.get_num_threads()  # after the backends applied --threads
     rng = np.random.default_rng(0)
@@ -340,16 +334,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.errors import UsageError
-
     only = [name.strip() for name in args.backends.split(",")] if args.backends else None
     common = dict(
         batch_sizes=args.batch_sizes, seconds=args.seconds, warmup_s=args.warmup, rounds=max(1, args.rounds),
         device=args.device, num_threads=args.threads, compile=args.compile, bf16=args.bf16, only=only,
     )
     if args.model:
-        from cxr_ray.models.artifact import load_card, localize
-
         root = localize(args.model, args.s3_endpoint)
         card = load_card(str(root))
         if args.image_size is not None and args.image_size != card.image_size:
@@ -359,12 +349,7 @@ def run(args: argparse.Namespace) -> int:
             )
         report = run_benchmark(root, source="artifact", **common)
     else:
-        import torch
 
-        from cxr_ray.models.artifact import save_artifact
-        from cxr_ray.models.build import build_model
-        from cxr_ray.models.card import new_card
-        from cxr_ray.models.registry import get_arch
 
         spec = get_arch(args.arch)
         size = args.image_size or spec.default_image_size
@@ -372,7 +357,6 @@ def run(args: argparse.Namespace) -> int:
             torch.manual_seed(0)
             card = new_card(name=f"bench-{args.arch}", arch=args.arch, classes=BENCH_CLASSES, image_size=size)
             save_artifact(tmp, build_model(args.arch, len(BENCH_CLASSES)), card)
-            from cxr_ray.engines.onnxruntime.build import export_onnx
 
             export_onnx(tmp)
             report = run_benchmark(Path(tmp), source="random-init", **common)

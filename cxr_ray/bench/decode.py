@@ -27,7 +27,15 @@ from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
+import numpy
+import numpy as np
+import PIL
+import pydicom
+from PIL import Image
+
 from cxr_ray.errors import UsageError
+from cxr_ray.io.decode import decode_image, sniff_format
+from cxr_ray.preprocess import resize_square
 
 FORMATS = ("dicom", "png", "jpeg")
 
@@ -58,9 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ours(size: int) -> Callable[[bytes], object]:
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.preprocess import resize_square
-
     def run_one(data: bytes):
         return resize_square(decode_image(data, "bench", target_size=size).pixels, size)
 
@@ -68,12 +73,8 @@ def _ours(size: int) -> Callable[[bytes], object]:
 
 
 def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
-    import numpy as np
-
     if fmt == "dicom":
-        import pydicom
 
-        from cxr_ray.preprocess import resize_square
 
         def dicom_one(data: bytes):
             pixels = pydicom.dcmread(BytesIO(data)).pixel_array.astype(np.float32)
@@ -83,7 +84,6 @@ def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
 
         return dicom_one
 
-    from PIL import Image
 
     def raster_one(data: bytes):
         image = (
@@ -98,7 +98,6 @@ def collect_files(
     root: str | os.PathLike, limit: int | None
 ) -> tuple[dict[str, list[tuple[str, bytes]]], int]:
     """Bytes of up to ``limit`` files per format under ``root`` (by content); and the count skipped."""
-    from cxr_ray.io.decode import sniff_format
 
     files: dict[str, list[tuple[str, bytes]]] = {fmt: [] for fmt in FORMATS}
     skipped = 0
@@ -212,10 +211,6 @@ def bench_decode(
 
 
 def _environment() -> dict:
-    import numpy
-    import PIL
-    import pydicom
-
     return {
         "python": platform.python_version(),
         "numpy": numpy.__version__,

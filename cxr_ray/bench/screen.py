@@ -40,6 +40,29 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pydicom
+import ray
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from torch.utils.data import DataLoader
+
+from cxr_ray.engines.load import load_backend
+from cxr_ray.errors import UsageError
+from cxr_ray.io.storage import expand_inputs
+from cxr_ray.models.artifact import load_card, load_model, save_artifact
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import new_card
+from cxr_ray.ray_session import connect
+from cxr_ray.screen.config import ScreenConfig, parse_actors
+from cxr_ray.screen.job import run_screen
+from cxr_ray.screen.resources import plan_layout
+from cxr_ray.screen.stages import decode_batch
+
 DEFAULT_CLASSES = ["covid", "normal", "pneumonia"]
 
 
@@ -117,9 +140,6 @@ def _cores() -> int:
 def _artifact(args, work: Path) -> str:
     if args.model:
         return args.model
-    from cxr_ray.models.artifact import save_artifact
-    from cxr_ray.models.build import build_model
-    from cxr_ray.models.card import new_card
 
     card = new_card(
         name=f"bench-{args.arch}",
@@ -134,8 +154,6 @@ def _artifact(args, work: Path) -> str:
 
 
 def _list_inputs(spec: str, limit: int | None) -> list[str]:
-    from cxr_ray.io.storage import expand_inputs
-
     paths = []
     for path in expand_inputs(spec):
         paths.append(path)
@@ -145,9 +163,6 @@ def _list_inputs(spec: str, limit: int | None) -> list[str]:
 
 
 def _write_manifest(paths: list[str], target: Path) -> str:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
     pacsv.write_csv(pa.table({"path": paths}), str(target))
     return str(target)
 
@@ -159,8 +174,6 @@ class _CpuMeter:
     little CPU": ``machine_share`` is the fraction of all cores' time that went to us."""
 
     def _total(self) -> float:
-        import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
-
         psutil = importlib.import_module("psutil")
         me = psutil.Process()
         total = 0.0
@@ -202,9 +215,7 @@ class _CpuMeter:
 
 def decode_cost(paths: list[str], preprocessing: dict, chunk: int = 8) -> dict:
     """CPU seconds per image of the job's decode stage, in this one process."""
-    import pyarrow as pa
 
-    from cxr_ray.screen.stages import decode_batch
 
     decode_batch(
         pa.table({"path": paths[:1]}), preprocessing=preprocessing
@@ -233,9 +244,7 @@ def backend_costs(
     fp32 engines always; with a reduced ``precision`` the torch backend at that
     precision too (its max difference from fp32, checked at load, is reported).
     """
-    import numpy as np
 
-    from cxr_ray.engines.load import load_backend
 
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((batch_size, 1, image_size, image_size)).astype(np.float32)
@@ -272,8 +281,6 @@ def backend_costs(
 
 def _job_config(args, artifact: str, inputs: str, output: str):
     """The job as a user runs it: the CLI's defaults unless a flag here overrides them."""
-    from cxr_ray.commands.screen import _actors
-    from cxr_ray.screen.config import ScreenConfig
 
     return ScreenConfig(
         model=artifact,
@@ -283,7 +290,7 @@ def _job_config(args, artifact: str, inputs: str, output: str):
         precision=args.precision,
         batch_size=args.batch_size,
         decode_batch_size=args.decode_batch_size,
-        actors=_actors(args.actors) if args.actors else None,
+        actors=parse_actors(args.actors) if args.actors else None,
         cpus_per_actor=args.cpus_per_actor,
         decode_cpus=args.decode_cpus,
         rows_per_part=100,  # enough parts for a steady-state rate
@@ -301,9 +308,7 @@ def ready_ray(cores: int):
     clock, which a job submitted to a running cluster, the case measured
     here, does not.
     """
-    import ray
 
-    from cxr_ray.ray_session import connect
 
     @ray.remote(num_cpus=1)
     def ready() -> int:
@@ -320,10 +325,7 @@ def ready_ray(cores: int):
 
 
 def ray_job(config) -> dict:
-    import ray
 
-    from cxr_ray.screen.job import run_screen
-    from cxr_ray.screen.resources import plan_layout
 
     layout = plan_layout(config, ray.cluster_resources())
 
@@ -365,21 +367,14 @@ class _PlainXrays:
         return len(self.paths)
 
     def _pixels(self, path: str):
-        import numpy as np
-
         with open(path, "rb") as handle:
             head = handle.read(132)
         if head[128:132] == b"DICM":
-            import pydicom
-            from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
             ds = pydicom.dcmread(path)
             arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
             if ds.get("PhotometricInterpretation") == "MONOCHROME1":
                 arr = arr.max() - arr
         else:
-            from PIL import Image
-
             with Image.open(path) as image:
                 if image.mode not in ("L", "I", "I;16", "F"):
                     image = image.convert("L")
@@ -388,9 +383,6 @@ class _PlainXrays:
         return (arr - lo) / (hi - lo if hi > lo else 1.0)
 
     def __getitem__(self, index: int):
-        import torch
-        import torch.nn.functional as F
-
         try:
             pixels = torch.from_numpy(self._pixels(self.paths[index]))[None, None]
         except Exception:  # noqa: BLE001 - a broken file: zeros, as many user loops do
@@ -402,10 +394,7 @@ class _PlainXrays:
 
 
 def plain_pytorch(artifact: str, paths: list[str], batch_size: int, workers: int) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
 
-    from cxr_ray.models.artifact import load_model
 
     model, card = load_model(artifact)
     cfg = card.preprocess_config
@@ -444,8 +433,6 @@ class _PssSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
-        import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
-
         psutil = importlib.import_module("psutil")
 
         me = psutil.Process()
@@ -473,8 +460,6 @@ class _PssSampler:
 
 def _tiny_archive(directory: Path, n: int) -> None:
     """``n`` small distinct 64x64 PNGs, 1,000 per folder (the content does not matter here)."""
-    import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(n)
     base = (rng.random((64, 64)) * 255).astype(np.uint8)
@@ -517,10 +502,7 @@ def memory_check(args, artifact: str, work: Path, cores: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    from cxr_ray.errors import UsageError
-    from cxr_ray.models.artifact import load_card
 
     cores = _cores()
     default_threads = torch.get_num_threads()  # what a plain PyTorch script gets

@@ -34,10 +34,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import ray
+import torch
+from PIL import Image
+from ray import serve
 
+from cxr_ray.engines.load import load_backend
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
+from cxr_ray.io.decode import decode_image
+from cxr_ray.models.artifact import load_card, save_artifact
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import new_card
+from cxr_ray.preprocess import preprocess
+from cxr_ray.serve.app import app_builder
+from cxr_ray.serve.config import DeploymentArgs, ServeArgs
 
 DEFAULT_CONCURRENCY = (1, 4, 16)
 APP_NAME = "cxr-ray-bench"
@@ -107,7 +120,6 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if not concurrency or min(concurrency) < 1 or args.requests < 1:
         raise UsageError("--concurrency values and --requests must be >= 1")
-    import ray
 
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -143,7 +155,6 @@ def run(args: argparse.Namespace) -> int:
 
 def synthetic_png(size: int = 512, seed: int = 0) -> bytes:
     """A smooth 8-bit grey PNG (chest-like intensity range); content does not matter for timing."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -157,11 +168,7 @@ def synthetic_png(size: int = 512, seed: int = 0) -> bytes:
 
 def _random_artifact(directory: Path, arch: str, image_size: int) -> str:
     """Seeded random weights: the same version every run, so its ONNX export is cached."""
-    import torch
 
-    from cxr_ray.models.artifact import save_artifact
-    from cxr_ray.models.build import build_model
-    from cxr_ray.models.card import new_card
 
     torch.manual_seed(0)
     classes = ["covid", "normal", "pneumonia"]
@@ -187,7 +194,6 @@ def start_serve(host: str = "127.0.0.1", port: int = 0) -> int:
 
     If Serve already runs in this Ray cluster, its proxy is reused and its port returned.
     """
-    from ray import serve
 
     serve.start(http_options={"host": host, "port": port or _free_port(host)})
     try:
@@ -232,10 +238,6 @@ def local_timings(
     max_batch_size: int = 16,
 ) -> dict:
     """decode + preprocess, one-image predict and full-batch predict, in this process (medians, ms)."""
-    from cxr_ray.engines.load import load_backend
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.models.artifact import load_card
-    from cxr_ray.preprocess import preprocess
 
     card = load_card(model)
     config = card.preprocess_config
@@ -265,7 +267,6 @@ def local_timings(
 
 async def _load(url: str, image: bytes, *, requests: int, concurrency: int) -> dict:
     """``requests`` POSTs from ``concurrency`` clients: latencies, wall time, errors, batch sizes."""
-    import httpx
 
     latencies: list[float] = []
     batch_sizes: list[int] = []
@@ -320,10 +321,7 @@ async def _load(url: str, image: bytes, *, requests: int, concurrency: int) -> d
 def _target(model: str, *, batching: bool, backend: str, precision: str, threads: int,
             max_batch_size: int, batch_wait_s: float, topology: str = "fused"):
     """One mode as its own Serve app on ``/bench-batched`` or ``/bench-unbatched``."""
-    from ray import serve
 
-    from cxr_ray.serve.app import app_builder
-    from cxr_ray.serve.config import DeploymentArgs, ServeArgs
 
     mode = "batched" if batching else "unbatched"
     args = ServeArgs(
@@ -338,8 +336,6 @@ def _target(model: str, *, batching: bool, backend: str, precision: str, threads
 
 
 def _wait_healthy(base: str, timeout_s: float = 300) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -390,7 +386,6 @@ def bench_serve(
                           max_batch_size=max_batch_size)
     wall = {"local_timings": round(time.perf_counter() - clock, 1)}
     port = start_serve("127.0.0.1", 0)
-    from ray import serve
 
     options = dict(backend=backend, precision=precision, threads=threads, max_batch_size=max_batch_size,
                    batch_wait_s=batch_wait_s, topology=topology)

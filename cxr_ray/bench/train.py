@@ -33,8 +33,23 @@ import time
 from itertools import islice
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from cxr_ray.data.labelled import decode_batch
 from cxr_ray.errors import UsageError
+from cxr_ray.models.build import build_model
+from cxr_ray.models.registry import get_arch
+from cxr_ray.preprocess import PreprocessConfig
+from cxr_ray.ray_session import connect, quiet_ray_data
+from cxr_ray.synth import generate_archive
+from cxr_ray.train.steps import amp_settings, train_one_epoch
 
 
 def add_parser(subparsers) -> None:
@@ -58,8 +73,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.commands.train import connect, quiet_ray_data
-
     connect(args.address)
     quiet_ray_data()
     result = bench_train(args.arch, image_size=args.image_size, batch_size=args.batch_size, steps=args.steps,
@@ -74,9 +87,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _phantom_tensors(n: int, image_size: int) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(images (n, 1, S, S) preprocessed, labels, mean, std) of a fresh phantom archive."""
-    from cxr_ray.data.labelled import decode_batch
-    from cxr_ray.preprocess import PreprocessConfig
-    from cxr_ray.synth import generate_archive
 
     config = PreprocessConfig(image_size=image_size)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-train-") as root:
@@ -96,10 +106,7 @@ def _phantom_tensors(n: int, image_size: int) -> tuple[np.ndarray, np.ndarray, f
 
 def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[float, int]:
     """Run ``warmup`` then ``steps`` steps of train_one_epoch; (seconds, images) of the timed part."""
-    import torch
-    from torch import nn
 
-    from cxr_ray.train.steps import amp_settings, train_one_epoch
 
     amp_dtype, needs_scaler = amp_settings(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -118,10 +125,7 @@ def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[
 
 def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: int, steps: int, warmup: int,
                 use_gpu: bool, threads: int) -> dict:
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from cxr_ray.models.build import build_model
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -148,11 +152,7 @@ def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size
 
 def _ray_worker(config: dict) -> None:
     """The Ray Train side: same step function, data from this worker's Ray Data shard."""
-    import ray.train
-    import ray.train.torch
-    import torch
 
-    from cxr_ray.models.build import build_model
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
@@ -183,10 +183,6 @@ def _ray_worker(config: dict) -> None:
 
 def _ray_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: int, steps: int, warmup: int,
               num_workers: int, use_gpu: bool, cpus: float) -> dict:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     dataset = ray.data.from_items(
         [{"image": images[i], "label": int(labels[i])} for i in range(len(labels))]
     ).materialize()
@@ -224,10 +220,7 @@ def bench_train(
     cpus_per_worker: float | None = None,
 ) -> dict:
     """Run both loops; returns the JSON-ready result (see the module docstring)."""
-    import ray
-    import torch
 
-    from cxr_ray.models.registry import get_arch
 
     try:
         spec = get_arch(arch)

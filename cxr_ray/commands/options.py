@@ -16,6 +16,9 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from cxr_ray.errors import UsageError
+from cxr_ray.screen import config as screen_config
+
 SHARED: dict[str, dict[str, Any]] = {
     "s3_endpoint": {"flag": "--s3-endpoint", "metavar": "URL",
                     "help": "S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)"},
@@ -28,16 +31,11 @@ SHARED: dict[str, dict[str, Any]] = {
 
 
 def parse_actors(text: str) -> tuple[int, int]:
-    """``MIN,MAX`` or ``N`` (= ``N,N``) predict actors."""
+    """``MIN,MAX`` or ``N`` predict actors, as an argparse type (the rule is ScreenConfig's)."""
     try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--actors takes MIN,MAX or N (integers), got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
-        raise argparse.ArgumentTypeError(f"--actors takes MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
-    return parts[0], parts[1]
+        return screen_config.parse_actors(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:

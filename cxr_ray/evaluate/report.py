@@ -201,7 +201,7 @@ def _write_plots(local: str, classes: list[str], figures: ReportFigures) -> list
     files = []
     if figures.history:
         files.append(os.path.basename(plot_training_curves(figures.history, os.path.join(local, "training_curves.png"))))
-    if figures.labels is not None and len(figures.labels) and figures.confusion is not None:
+    if figures.labels is not None and figures.probs is not None and len(figures.labels) and figures.confusion is not None:
         files.append(os.path.basename(plot_roc(figures.labels, figures.probs, classes, os.path.join(local, "roc.png"))))
         files.append(os.path.basename(plot_confusion(figures.confusion, classes, os.path.join(local, "confusion.png"))))
     return files

@@ -392,7 +392,8 @@ def _walk_local(directory: str, seen: set | None = None) -> Iterator[str]:
 
 def _literal_prefix(pattern: str) -> str:
     """The directory part of ``pattern`` before its first wildcard."""
-    first = _GLOB_CHARS.search(pattern).start()
+    found = _GLOB_CHARS.search(pattern)
+    first = found.start() if found else len(pattern)
     return pattern[: pattern.rfind("/", 0, first) + 1]
 
 

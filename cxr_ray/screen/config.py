@@ -26,6 +26,19 @@ GPU_DECODE_CPUS = 1.0
 CPU_DECODE_CPUS = 0.25
 
 
+def parse_actors(text: str) -> tuple[int, int]:
+    """``MIN,MAX`` or ``N`` (= ``N,N``) predict actors; a :class:`UsageError` saying so otherwise."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--actors takes MIN,MAX or N (integers), got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise UsageError(f"--actors takes MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
 def check_heatmap_mode(mode: str) -> None:
     if mode not in HEATMAP_MODES:
         raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {mode!r}")

@@ -84,7 +84,7 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
             GPU_DECODE_CPUS if on_gpu else CPU_DECODE_CPUS)
     threads = max(1, round(cpus_per_actor)) if config.cpus_per_actor is not None or on_gpu else 1
     if config.actors is not None:
-        actors = tuple(config.actors)
+        actors = (int(config.actors[0]), int(config.actors[1]))
     elif on_gpu:
         actors = (1, max(1, int(gpus // gpus_per_actor)) if gpus else 1)
     else:

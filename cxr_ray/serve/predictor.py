@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from torch import nn
 
 from cxr_ray.engines.load import load_backend
 from cxr_ray.explain.methods import Explainer, supported_pairs
@@ -54,7 +55,7 @@ class CxrPredictor:
             load_backend, self.artifact, self.args.backend, device=self.args.device,
             precision=self.args.precision, num_threads=self.args.num_threads,
         ).result()
-        self._torch_model = None
+        self._torch_model: nn.Module | None = None
         self._explainers: dict[str, Any] = {}
         self._probe = np.zeros((1, *self.backend.input_spec.shape), dtype=np.float32)
         # Unbatched is the same queue with batches of one: one backend call per request.

@@ -16,7 +16,7 @@ from typing import Any
 
 from cxr_ray.errors import UsageError
 from cxr_ray.io.storage import is_remote
-from cxr_ray.models.modes import TRAIN_MODES
+from cxr_ray.models.modes import TRAIN_MODES, TrainMode
 from cxr_ray.models.registry import get_arch
 
 SCHEDULES = ("cosine", "step", "none")
@@ -152,6 +152,13 @@ class TrainConfig:
             raise UsageError("--val-fraction must be in (0, 1) and --test-fraction in [0, 1)")
         if self.test_fraction + self.val_fraction >= 0.9:
             raise UsageError("--val-fraction + --test-fraction leave too little to train on (keep them < 0.9)")
+
+    @property
+    def train_mode(self) -> TrainMode:
+        """``mode``, checked (validate() refuses an unknown one with the valid names)."""
+        if self.mode not in TRAIN_MODES:
+            raise UsageError(f"--mode {self.mode!r}: valid modes are {', '.join(TRAIN_MODES)}")
+        return self.mode  # type: ignore[return-value]  # one of TRAIN_MODES, checked above
 
     @property
     def resolved_image_size(self) -> int:

@@ -52,7 +52,7 @@ def evaluate_artifact(
     source = read_labelled(data, s3_endpoint=s3_endpoint, classes=list(card.classes))
     frame = label_frame(source.frame.reset_index(drop=True), list(card.classes))
     with deterministic_order():
-        decoded, meta = decode_dataset(frame, card.preprocessing, s3_endpoint=s3_endpoint, pseudonym_key=grouping_key())
+        decoded, meta = decode_dataset(frame, dict(card.preprocessing), s3_endpoint=s3_endpoint, pseudonym_key=grouping_key())
     frame = frame.merge(meta[["row_id", "status", "error_code"]], on="row_id")
     ok = frame[frame["status"] == "ok"]
     bad = frame[frame["status"] != "ok"]

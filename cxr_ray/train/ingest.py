@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,7 +58,7 @@ def _blocks(frame: pd.DataFrame, rows_per_block: int) -> list[pd.DataFrame]:
 
 def decode_dataset(
     frame: pd.DataFrame,
-    preprocessing: dict,
+    preprocessing: dict[str, Any],
     *,
     s3_endpoint: str | None = None,
     pseudonym_key: bytes | None = None,

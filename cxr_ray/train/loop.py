@@ -79,7 +79,7 @@ def _build_worker(plan: WorkerPlan, state: EpochState) -> _Worker:
     model.load_state_dict(ray.get(plan.initial_state[0]))  # RAY: weights the driver built
     if state.saved is not None:
         model.load_state_dict(state.saved["model"])
-    groups = configure_mode(model, cfg.arch, cfg.mode, lr=cfg.lr, backbone_lr_factor=cfg.backbone_lr_factor,
+    groups = configure_mode(model, cfg.arch, cfg.train_mode, lr=cfg.lr, backbone_lr_factor=cfg.backbone_lr_factor,
                             finetune_blocks=cfg.finetune_blocks)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -109,7 +109,7 @@ def _train_epoch(w: _Worker, epoch: int, attempt: int) -> dict[str, Any]:
     """Train on this worker's shard, re-estimate BatchNorm, and the epoch's row (all ranks summed)."""
     cfg = w.plan.train
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + w.rank)  # per epoch: a resumed run draws the same
-    set_train_mode(w.raw_model, cfg.arch, cfg.mode)
+    set_train_mode(w.raw_model, cfg.arch, cfg.train_mode)
     shard = ray.train.get_dataset_shard("train")  # RAY: this worker's streamed shard
     batches = shard.iter_torch_batches(
         batch_size=w.plan.batch_size, drop_last=True, device="cpu",
