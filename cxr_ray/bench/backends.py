@@ -38,25 +38,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
 import torch
 
+from cxr_ray.bench.measure import random_artifact
 from cxr_ray.engines.onnxruntime.build import ensure_onnx, export_onnx
 from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend, available_cpus
 from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
 from cxr_ray.engines.tensorrt.runtime import TensorRTBackend, tensorrt_available
 from cxr_ray.engines.torch.runtime import TorchBackend
 from cxr_ray.errors import UsageError
-from cxr_ray.models.artifact import load_card, load_model, localize, save_artifact
-from cxr_ray.models.build import build_model
-from cxr_ray.models.card import new_card
-from cxr_ray.models.registry import get_arch
+from cxr_ray.models.artifact import load_card, load_model, localize
 
 BASELINE = "torch-eager-nchw-fp32"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
-BENCH_CLASSES = ["covid", "normal", "pneumonia"]
 
 
 @dataclass
@@ -131,8 +129,6 @@ def candidates(device: str, *, compile: bool = False, bf16: bool = False) -> tup
             chosen.append(Candidate("torch-eager-cl-bf16", _torch("cpu", channels_last=True, precision="bf16"), exact=False))
         return chosen, skipped
 
-
-
     chosen = [
         Candidate(BASELINE, _torch(device, channels_last=False)),
         Candidate("torch-cuda-cl-fp16", _torch(device, channels_last=True, precision="fp16"), exact=False),
@@ -180,7 +176,6 @@ def _cpu_model() -> str:
 
 def machine_info(device: str) -> dict:
 
-
     trt_version = None
     if importlib.util.find_spec("tensorrt") is not None:
         import tensorrt
@@ -207,6 +202,65 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _load_backends(chosen: list[Candidate], ctx: BenchContext, skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidates that load here; the others are reported in ``skipped`` (the baseline must load)."""
+    backends = {}
+    for cand in chosen:
+        try:
+            backends[cand.name] = cand.make(ctx)
+        except Exception as exc:  # report, keep measuring the others
+            if cand.name == BASELINE:
+                raise
+            skipped.append({"backend": cand.name, "reason": f"{type(exc).__name__}: {exc}"})
+    return backends
+
+
+def _measure(backends: dict[str, Any], exact: dict[str, bool], batch_sizes: list[int], image_size: int,
+             timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per backend and batch size, each backend timed in turn round by round on the same batch."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in batch_sizes:
+        batch = rng.standard_normal((size, 1, image_size, image_size), dtype=np.float32)
+        reference = backends[BASELINE].predict(batch)
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        per_round = timing["seconds"] / timing["rounds"]
+        for _ in range(timing["rounds"]):
+            for name, backend in backends.items():
+                times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=timing["warmup_s"],
+                                             min_iters=timing["min_iters"])
+        base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])
+        for name, backend in backends.items():
+            rate = size * len(times[name]) / sum(times[name])
+            rows.append({
+                "backend": name,
+                "batch_size": size,
+                "images_per_s": round(rate, 2),
+                "ratio_vs_baseline": round(rate / base_rate, 2),
+                "latency_ms_median": round(1000 * statistics.median(times[name]), 2),
+                "iterations": len(times[name]),
+                "max_abs_diff_vs_baseline": float(np.max(np.abs(backend.predict(batch) - reference))),
+                "fp32_equivalent": exact[name],
+            })
+    return rows
+
+
+def _best(rows: list[dict[str, Any]], batch_sizes: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """"best" only among backends that compute the same numbers as fp32 PyTorch; lower-precision
+    winners (bf16, fp16, TensorRT fp16) are listed apart so a speed-up is never a silent accuracy trade."""
+    best, best_lower = {}, {}
+    for size in batch_sizes:
+        here = [r for r in rows if r["batch_size"] == size]
+        row = max((r for r in here if r["fp32_equivalent"]), key=lambda r: r["images_per_s"])
+        best[str(size)] = {k: row[k] for k in ("backend", "images_per_s", "ratio_vs_baseline")}
+        lower = [r for r in here if not r["fp32_equivalent"] and r["images_per_s"] > row["images_per_s"]]
+        if lower:
+            top = max(lower, key=lambda r: r["images_per_s"])
+            best_lower[str(size)] = {k: top[k] for k in ("backend", "images_per_s", "ratio_vs_baseline",
+                                                         "max_abs_diff_vs_baseline")}
+    return best, best_lower
+
+
 def run_benchmark(
     root: Path,
     *,
@@ -224,7 +278,6 @@ def run_benchmark(
 ) -> dict:
     """Measure every available candidate on the artifact at ``root``; returns the report dict."""
 
-
     card = load_card(str(root))
     info = machine_info(device)
     chosen, skipped = candidates(device, compile=compile, bf16=bf16)
@@ -234,52 +287,11 @@ def run_benchmark(
             raise UsageError(f"unknown backends {unknown}; here: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in only or c.name == BASELINE]
     ctx = BenchContext(root=root, card=card, device=device, num_threads=num_threads, max_batch=max(batch_sizes))
-    backends = {}
-    for cand in chosen:
-        try:
-            backends[cand.name] = cand.make(ctx)
-        except Exception as exc:  # report, keep measuring the others
-            if cand.name == BASELINE:
-                raise
-            skipped.append({"backend": cand.name, "reason": f"{type(exc).__name__}: {exc}"})
-    exact = {c.name: c.exact for c in chosen}
-
+    backends = _load_backends(chosen, ctx, skipped)
     info["torch_threads"] = torch.get_num_threads()  # after the backends applied --threads
-    rng = np.random.default_rng(0)
-    rows = []
-    for size in batch_sizes:
-        batch = rng.standard_normal((size, 1, card.image_size, card.image_size), dtype=np.float32)
-        reference = backends[BASELINE].predict(batch)
-        times: dict[str, list[float]] = {name: [] for name in backends}
-        per_round = seconds / rounds
-        for _ in range(rounds):
-            for name, backend in backends.items():
-                times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=warmup_s, min_iters=min_iters)
-        base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])
-        for name, backend in backends.items():
-            rate = size * len(times[name]) / sum(times[name])
-            rows.append({
-                "backend": name,
-                "batch_size": size,
-                "images_per_s": round(rate, 2),
-                "ratio_vs_baseline": round(rate / base_rate, 2),
-                "latency_ms_median": round(1000 * statistics.median(times[name]), 2),
-                "iterations": len(times[name]),
-                "max_abs_diff_vs_baseline": float(np.max(np.abs(backend.predict(batch) - reference))),
-                "fp32_equivalent": exact[name],
-            })
-    # "best" only among backends that compute the same numbers as fp32 PyTorch; lower-precision
-    # winners (bf16, fp16, TensorRT fp16) are listed apart so a speed-up is never a silent accuracy trade.
-    best, best_lower = {}, {}
-    for size in batch_sizes:
-        here = [r for r in rows if r["batch_size"] == size]
-        row = max((r for r in here if r["fp32_equivalent"]), key=lambda r: r["images_per_s"])
-        best[str(size)] = {k: row[k] for k in ("backend", "images_per_s", "ratio_vs_baseline")}
-        lower = [r for r in here if not r["fp32_equivalent"] and r["images_per_s"] > row["images_per_s"]]
-        if lower:
-            top = max(lower, key=lambda r: r["images_per_s"])
-            best_lower[str(size)] = {k: top[k] for k in ("backend", "images_per_s", "ratio_vs_baseline",
-                                                         "max_abs_diff_vs_baseline")}
+    timing = {"seconds": seconds, "warmup_s": warmup_s, "min_iters": min_iters, "rounds": rounds}
+    rows = _measure(backends, {c.name: c.exact for c in chosen}, batch_sizes, card.image_size, timing)
+    best, best_lower = _best(rows, batch_sizes)
     if hasattr(os, "getloadavg"):
         info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
@@ -350,14 +362,8 @@ def run(args: argparse.Namespace) -> int:
         report = run_benchmark(root, source="artifact", **common)
     else:
 
-
-        spec = get_arch(args.arch)
-        size = args.image_size or spec.default_image_size
         with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-            torch.manual_seed(0)
-            card = new_card(name=f"bench-{args.arch}", arch=args.arch, classes=BENCH_CLASSES, image_size=size)
-            save_artifact(tmp, build_model(args.arch, len(BENCH_CLASSES)), card)
-
+            random_artifact(tmp, args.arch, args.image_size, positive_class=None)
             export_onnx(tmp)
             report = run_benchmark(Path(tmp), source="random-init", **common)
     text = json.dumps(report, indent=2)

@@ -75,7 +75,6 @@ def _ours(size: int) -> Callable[[bytes], object]:
 def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
     if fmt == "dicom":
 
-
         def dicom_one(data: bytes):
             pixels = pydicom.dcmread(BytesIO(data)).pixel_array.astype(np.float32)
             low, high = pixels.min(), pixels.max()
@@ -83,7 +82,6 @@ def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
             return resize_square(pixels, size)
 
         return dicom_one
-
 
     def raster_one(data: bytes):
         image = (

@@ -107,7 +107,6 @@ def _phantom_tensors(n: int, image_size: int) -> tuple[np.ndarray, np.ndarray, f
 def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[float, int]:
     """Run ``warmup`` then ``steps`` steps of train_one_epoch; (seconds, images) of the timed part."""
 
-
     amp_dtype, needs_scaler = amp_settings(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -125,7 +124,6 @@ def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[
 
 def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: int, steps: int, warmup: int,
                 use_gpu: bool, threads: int) -> dict:
-
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -152,7 +150,6 @@ def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size
 
 def _ray_worker(config: dict) -> None:
     """The Ray Train side: same step function, data from this worker's Ray Data shard."""
-
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
@@ -220,7 +217,6 @@ def bench_train(
     cpus_per_worker: float | None = None,
 ) -> dict:
     """Run both loops; returns the JSON-ready result (see the module docstring)."""
-
 
     try:
         spec = get_arch(arch)

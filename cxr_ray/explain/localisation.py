@@ -116,8 +116,6 @@ def summarise(
 
 def _read_png_mask(uri: str, s3_endpoint: str | None) -> np.ndarray:
 
-
-
     with Image.open(io.BytesIO(read_bytes(uri, s3_endpoint=s3_endpoint))) as image:
         return np.asarray(image.convert("L")) > 127
 

@@ -99,7 +99,6 @@ def train_phantom_model(
     ``time_budget_s`` stops after the epoch that crosses it.
     """
 
-
     card = new_card(
         name=f"phantom-{arch}", arch=arch, classes=list(classes), image_size=image_size,
         positive_class=positive_class,
@@ -208,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                              seed=seed, size=args.phantom_size)
         train_labels = train_labels or os.path.join(work, "train", "labels.csv")
         eval_labels = eval_labels or os.path.join(work, "eval", "labels.csv")
-
 
     for entry in [a.strip() for a in args.archs.split(",") if a.strip()]:
         arch, _, epochs = entry.partition(":")

@@ -78,7 +78,16 @@ def read_error(name: str, exc: BaseException) -> DecodeError:
     reason = type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         reason = f"{reason}: {exc.strerror}"  # strerror only: the full message repeats the path
-    return DecodeError("read_failed", f"{name}: could not be read ({reason})")
+    error = DecodeError("read_failed", f"{name}: could not be read ({reason})")
+    error.read_exception = type(exc).__name__  # what the storage layer raised, for short reports
+    return error
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short reason without patient data: the decode code, or what a read raised (``FileNotFoundError``)."""
+    if isinstance(exc, DecodeError):
+        return exc.read_exception or exc.code
+    return type(exc).__name__
 
 
 def listing_error(spec: str, exc: BaseException) -> DecodeError:

@@ -145,7 +145,6 @@ def _read_source(
     if is_file:
         return load_state_dict(source, s3_endpoint=s3_endpoint), "state_dict", None, None
 
-
     if "://" not in source and not Path(source).exists():
         raise WeightsError(f"{source}: no such artifact directory or weights file")
     try:

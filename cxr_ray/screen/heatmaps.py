@@ -32,11 +32,11 @@ import pyarrow as pa
 import ray
 import torch
 
-from cxr_ray.errors import DecodeError, UsageError
+from cxr_ray.errors import UsageError
 from cxr_ray.explain.batch import npy_bytes
 from cxr_ray.explain.methods import Explainer, check_supported
 from cxr_ray.explain.overlay import overlay_png_bytes
-from cxr_ray.io.inputs import InputPolicy, load_input
+from cxr_ray.io.inputs import InputPolicy, failure_reason, load_input
 from cxr_ray.io.storage import is_remote, join, open_output
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.models.artifact import load_model
@@ -119,7 +119,6 @@ class HeatmapWriter:
         s3_endpoint: str | None = None,
     ) -> None:
 
-
         if num_threads:
             torch.set_num_threads(int(num_threads))
         model, card = load_model(artifact, s3_endpoint)
@@ -162,7 +161,7 @@ class HeatmapWriter:
                 written[i] = self.write(path)
             except Exception as exc:  # noqa: BLE001 - one row's heatmap never fails the batch
                 written[i] = None
-                reason = exc.code if isinstance(exc, DecodeError) else type(exc).__name__
+                reason = failure_reason(exc)
                 log.warning("heatmap not written (%s): %s", self.method, reason)  # no file name: it may hold PHI
                 warnings[i] = [*(warnings[i] or []), f"heatmap not written ({self.method}): {reason}"]
         if not changed:

@@ -61,6 +61,16 @@ logger = logging.getLogger("ray.serve")
 EXPLAIN_MAX_SIDE = 1024
 
 
+def _overlay_pixels(pixels: np.ndarray) -> np.ndarray:
+    """The decoded image with its longest side capped at ``EXPLAIN_MAX_SIDE`` (the overlay's size)."""
+    if max(pixels.shape) <= EXPLAIN_MAX_SIDE:
+        return pixels
+    scale = EXPLAIN_MAX_SIDE / max(pixels.shape)
+    h, w = (max(1, round(s * scale)) for s in pixels.shape)
+    return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+# Serve serialises the class when it is decorated: everything its methods use is defined above.
 @serve.deployment(name="CxrIngress")
 @serve.ingress(api)
 class CxrIngress:
@@ -221,15 +231,6 @@ class CxrIngress:
             status="ok",
             model={"name": info["name"], "version": info["version"], "arch": info["arch"], "backend": info["backend"]},
         )
-
-
-def _overlay_pixels(pixels: np.ndarray) -> np.ndarray:
-    """The decoded image with its longest side capped at ``EXPLAIN_MAX_SIDE`` (the overlay's size)."""
-    if max(pixels.shape) <= EXPLAIN_MAX_SIDE:
-        return pixels
-    scale = EXPLAIN_MAX_SIDE / max(pixels.shape)
-    h, w = (max(1, round(s * scale)) for s in pixels.shape)
-    return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def app_builder(args: ServeArgs):

@@ -106,7 +106,6 @@ class CxrPredictor:
     def _explain_sync(self, pixels: np.ndarray, method: str) -> str:
         """On the model thread (no lock needed): torch model + one Explainer per method, built on first use."""
 
-
         explainer = self._explainers.get(method)
         if explainer is None:
             if self._torch_model is None:

@@ -23,7 +23,6 @@ _CACHE: dict[str, tuple[torch.nn.Module, torch.device]] = {}  # one model per wo
 
 def _model(state_ref, arch: str, num_classes: int, use_gpu: bool) -> tuple[torch.nn.Module, torch.device]:
 
-
     key = f"{state_ref.hex()}:{arch}:{num_classes}:{use_gpu}"
     if key not in _CACHE:
         _CACHE.clear()
