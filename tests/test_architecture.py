@@ -50,6 +50,12 @@ LONG_MODULES = {
 }
 LONG_FUNCTIONS = {
     "cxr_ray.screen.passes._pipeline": "the Ray Data pipeline read top to bottom, one stage after the other",
+    "cxr_ray.commands.demo.run": "the demo's six stages in order, each a few lines: the product's story in one place",
+    "cxr_ray.synth.phantom.render_chest": "one drawing pass, anatomy layer after layer, in painting order",
+    "cxr_ray.explain.grid.heatmap_grid": "one figure built cell by cell; its parts share the figure's state",
+    "cxr_ray.bench.screen.run": "assembles one benchmark report, each figure next to the ones it is compared with",
+    "cxr_ray.bench.serve.bench_serve": "assembles one benchmark report, each figure next to the ones it is compared with",
+    "cxr_ray.bench.train.bench_train": "checks its arguments, runs both loops and reports them side by side",
 }
 
 

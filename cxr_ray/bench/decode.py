@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy
 import numpy as np
@@ -121,6 +122,41 @@ def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
+def _usable(files: dict[str, list[tuple[str, bytes]]], ours: Callable[[bytes], object],
+            baselines: dict[str, Callable[[bytes], object]]) -> tuple[dict[str, list[bytes]], list[dict[str, str]]]:
+    """The files both paths decode, per format (also the warm-up pass), and the ones left out, with why."""
+    batches: dict[str, list[bytes]] = {}
+    excluded = []
+    for fmt, entries in files.items():
+        batch = []
+        for relative, data in entries:
+            failed = None
+            for label, function in (("ours", ours), ("baseline", baselines[fmt])):
+                try:
+                    function(data)
+                except Exception as exc:  # noqa: BLE001 - a file either path cannot decode is left out of both
+                    failed = {"path": relative, "format": fmt, "failed": label,
+                              "error": getattr(exc, "code", type(exc).__name__)}
+                    break
+            if failed:
+                excluded.append(failed)
+            else:
+                batch.append(data)
+        if batch:
+            batches[fmt] = batch
+    return batches, excluded
+
+
+def _format_figures(batch: list[bytes], ours_s: float, base_s: float) -> dict[str, Any]:
+    return {
+        "files": len(batch),
+        "mean_bytes": round(sum(map(len, batch)) / len(batch)),
+        "ours_files_per_s": round(_rate(len(batch), ours_s), 2),
+        "baseline_files_per_s": round(_rate(len(batch), base_s), 2),
+        "ratio": round(base_s / ours_s, 3) if ours_s > 0 else None,
+    }
+
+
 def bench_decode(
     root: str | os.PathLike, *, size: int = 224, limit: int | None = None, rounds: int = 3
 ) -> dict:
@@ -139,30 +175,7 @@ def bench_decode(
 
     ours = _ours(size)
     baselines = {fmt: _baseline(fmt, size) for fmt in FORMATS}
-    batches: dict[str, list[bytes]] = {}
-    excluded = []
-    for fmt, entries in files.items():
-        batch = []
-        for relative, data in entries:  # also the warm-up pass
-            failed = None
-            for label, function in (("ours", ours), ("baseline", baselines[fmt])):
-                try:
-                    function(data)
-                except Exception as exc:
-                    failed = {
-                        "path": relative,
-                        "format": fmt,
-                        "failed": label,
-                        "error": getattr(exc, "code", type(exc).__name__),
-                    }
-                    break
-            if failed:
-                excluded.append(failed)
-            else:
-                batch.append(data)
-        if batch:
-            batches[fmt] = batch
-
+    batches, excluded = _usable(files, ours, baselines)
     best: dict[tuple[str, str], float] = {}
     for _ in range(rounds):
         for fmt, batch in batches.items():
@@ -171,16 +184,8 @@ def bench_decode(
                 key = (fmt, label)
                 best[key] = min(seconds, best.get(key, float("inf")))
 
-    per_format = {}
-    for fmt, batch in batches.items():
-        ours_s, base_s = best[(fmt, "ours")], best[(fmt, "baseline")]
-        per_format[fmt] = {
-            "files": len(batch),
-            "mean_bytes": round(sum(map(len, batch)) / len(batch)),
-            "ours_files_per_s": round(_rate(len(batch), ours_s), 2),
-            "baseline_files_per_s": round(_rate(len(batch), base_s), 2),
-            "ratio": round(base_s / ours_s, 3) if ours_s > 0 else None,
-        }
+    per_format = {fmt: _format_figures(batch, best[(fmt, "ours")], best[(fmt, "baseline")])
+                  for fmt, batch in batches.items()}
     total_files = sum(len(batch) for batch in batches.values())
     ours_total = sum(best[(fmt, "ours")] for fmt in batches)
     base_total = sum(best[(fmt, "baseline")] for fmt in batches)

@@ -144,29 +144,11 @@ def model_record(card: ModelCard) -> dict[str, Any]:
     }
 
 
-def finish_run(
-    layout: OutputLayout,
-    card: ModelCard,
-    run_id: str,
-    started_at: datetime,
-    seconds: float,
-    passes: list[PassResult],
-    crashed_rows: int,
-    resumed_rows: int,
-) -> dict:
-    """Check what is written (de-duplicating if needed), record the run, write ``_summary.json``.
-
-    The counts come from the parts themselves (all runs), read once more: 16
-    bytes per row in the driver for the duplicate check, plus counters.
-    """
-    final = scan_parts(layout)
-    duplicates = remove_duplicates(layout, final)
-    if duplicates:
-        final = scan_parts(layout)
-    screened = sum(p.written for p in passes) + crashed_rows
+def _run_record(run_id: str, started_at: datetime, seconds: float, passes: list[PassResult], screened: int,
+                crashed_rows: int, duplicates: int, card: ModelCard) -> dict[str, Any]:
+    """What ``_runs/<run_id>.json`` says about this run."""
     first = passes[0]
-    missing = max(0, first.to_screen - screened)
-    run_record = {
+    return {
         "run_id": run_id,
         "started_at": started_at.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -181,6 +163,31 @@ def finish_run(
         "duplicates_removed": duplicates,
         "model": model_record(card),
     }
+
+
+def finish_run(
+    layout: OutputLayout,
+    card: ModelCard,
+    run_id: str,
+    started_at: datetime,
+    seconds: float,
+    passes: list[PassResult],
+    crashed_rows: int,
+    resumed_rows: int,
+) -> dict[str, Any]:
+    """Check what is written (de-duplicating if needed), record the run, write ``_summary.json``.
+
+    The counts come from the parts themselves (all runs), read once more: 16
+    bytes per row in the driver for the duplicate check, plus counters.
+    """
+    final = scan_parts(layout)
+    duplicates = remove_duplicates(layout, final)
+    if duplicates:
+        final = scan_parts(layout)
+    screened = sum(p.written for p in passes) + crashed_rows
+    first = passes[0]
+    missing = max(0, first.to_screen - screened)
+    run_record = _run_record(run_id, started_at, seconds, passes, screened, crashed_rows, duplicates, card)
     layout.write_json(f"{RUNS_DIR}/{run_id}.json", run_record)
     runs = [r for r in layout.list_json(RUNS_DIR, ".json") if "passes" in r]
     summary = {

@@ -16,7 +16,9 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from torch import nn
 
 from cxr_ray.data.labelled import grouping_key, read_labelled
 from cxr_ray.errors import UsageError
@@ -30,9 +32,39 @@ from cxr_ray.evaluate.report import (
     write_report,
 )
 from cxr_ray.models.artifact import load_model
+from cxr_ray.models.card import Decisions, ModelCard
 from cxr_ray.train.ingest import decode_dataset, deterministic_order, subset
 from cxr_ray.train.predict import predict_probs
 from cxr_ray.train.prepare import label_frame, undecodable_report
+
+
+def _decode_and_predict(frame: pd.DataFrame, model: nn.Module, card: ModelCard, data: str, *,
+                        s3_endpoint: str | None, use_gpu: bool, batch_size: int
+                        ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """(decodable rows, undecodable rows, predicted row ids, their probabilities), on the cluster."""
+    frame = label_frame(frame.reset_index(drop=True), list(card.classes))
+    with deterministic_order():
+        decoded, meta = decode_dataset(frame, dict(card.preprocessing), s3_endpoint=s3_endpoint,
+                                       pseudonym_key=grouping_key())
+    frame = frame.merge(meta[["row_id", "status", "error_code"]], on="row_id")
+    ok, bad = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    if ok.empty:
+        raise UsageError(f"{data}: none of the {len(frame)} files could be decoded")
+    row_ids, probs = predict_probs(subset(decoded, ok["row_id"].to_numpy()), model.state_dict(), card.arch,
+                                   len(card.classes), use_gpu=use_gpu, batch_size=batch_size)
+    return ok, bad, row_ids, probs
+
+
+def _predictions(rows: pd.DataFrame, card: ModelCard, decisions: Decisions) -> pd.DataFrame:
+    """``predictions.csv``: path, label, prob_<class>, predicted_label (and score, flagged)."""
+    predictions = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_name"].to_numpy()})
+    for i, name in enumerate(card.classes):
+        predictions[f"prob_{name}"] = decisions.probabilities[:, i]
+    predictions["predicted_label"] = decisions.labels
+    if decisions.scores is not None:
+        predictions["score"] = decisions.scores
+        predictions["flagged"] = decisions.flagged
+    return predictions
 
 
 def evaluate_artifact(
@@ -50,17 +82,8 @@ def evaluate_artifact(
     started = time.perf_counter()
     model, card = load_model(model_uri, s3_endpoint=s3_endpoint)
     source = read_labelled(data, s3_endpoint=s3_endpoint, classes=list(card.classes))
-    frame = label_frame(source.frame.reset_index(drop=True), list(card.classes))
-    with deterministic_order():
-        decoded, meta = decode_dataset(frame, dict(card.preprocessing), s3_endpoint=s3_endpoint, pseudonym_key=grouping_key())
-    frame = frame.merge(meta[["row_id", "status", "error_code"]], on="row_id")
-    ok = frame[frame["status"] == "ok"]
-    bad = frame[frame["status"] != "ok"]
-    if ok.empty:
-        raise UsageError(f"{data}: none of the {len(frame)} files could be decoded")
-    state = model.state_dict()
-    row_ids, probs = predict_probs(subset(decoded, ok["row_id"].to_numpy()), state, card.arch, len(card.classes),
-                                   use_gpu=use_gpu, batch_size=batch_size)
+    ok, bad, row_ids, probs = _decode_and_predict(source.frame, model, card, data, s3_endpoint=s3_endpoint,
+                                                  use_gpu=use_gpu, batch_size=batch_size)
     rows = ok.set_index("row_id").loc[row_ids]
     labels = rows["label"].to_numpy()
     threshold = card.threshold if card.positive_class else None
@@ -68,15 +91,7 @@ def evaluate_artifact(
     report = classification_report(labels, decisions.probabilities, list(card.classes),
                                    positive_class=card.positive_class, threshold=threshold,
                                    n_bootstrap=n_bootstrap, seed=seed)
-
-    predictions = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_name"].to_numpy()})
-    for i, name in enumerate(card.classes):
-        predictions[f"prob_{name}"] = decisions.probabilities[:, i]
-    predictions["predicted_label"] = decisions.labels
-    if decisions.scores is not None:
-        predictions["score"] = decisions.scores
-        predictions["flagged"] = decisions.flagged
-
+    predictions = _predictions(rows, card, decisions)
     undecodable = undecodable_report(bad)
     document = {
         "report": report,
