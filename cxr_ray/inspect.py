@@ -11,6 +11,7 @@ as keyed pseudonyms, and only when a key is given.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from collections.abc import Iterable, Iterator
 
 from cxr_ray.errors import DecodeError
@@ -52,13 +53,13 @@ def inspect_one(
         image = load_input(uri, reading).image
     except DecodeError as exc:
         return error_record(uri, exc)
-    record = {"path": uri, "status": "ok", "error_code": None, "error": None}
+    record: dict[str, Any] = {"path": uri, "status": "ok", "error_code": None, "error": None}
     record.update(image.meta.to_dict())
     return record
 
 
 def error_record(path: str, error: DecodeError) -> dict:
-    record = {"path": path, "status": "error", "error_code": error.code, "error": error.message}
+    record: dict[str, Any] = {"path": path, "status": "error", "error_code": error.code, "error": error.message}
     record.update(dict.fromkeys(META_FIELDS))
     record["warnings"] = []
     return record

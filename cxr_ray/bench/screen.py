@@ -187,7 +187,7 @@ def backend_costs(
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         n = batches * batch_size
         label = backend.label
-        out[label] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}
+        out[label] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}  # type: ignore[dict-item]
         diff = backend.describe().get("verified_max_abs_diff_vs_fp32")
         if diff is not None and engine_precision != "fp32":
             out[label]["max_abs_diff_vs_fp32"] = diff
@@ -229,14 +229,14 @@ def run(args: argparse.Namespace) -> int:
         manifest = _write_manifest(paths, work / "inputs.csv")
         report["inputs"] = len(paths)
 
-        decode = decode_cost(paths[: args.decode_sample], card.preprocessing)
+        decode = decode_cost(paths[: args.decode_sample], dict(card.preprocessing))
         backends = backend_costs(
             artifact, card.image_size, args.batch_size, args.backend_batches, args.precision
         )
         costs = {
             name: b["core_s_per_image"] for name, b in backends.items() if "core_s_per_image" in b
         }
-        best = min(costs, key=costs.get)
+        best = min(costs, key=costs.get)  # type: ignore[arg-type]
         bound = n_cores / (decode["core_s_per_image"] + costs[best])
         report.update(
             decode=decode,

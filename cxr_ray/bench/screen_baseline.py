@@ -41,7 +41,7 @@ class _PlainXrays:
         else:
             with Image.open(path) as image:
                 if image.mode not in ("L", "I", "I;16", "F"):
-                    image = image.convert("L")
+                    image = image.convert("L")  # type: ignore[assignment]
                 arr = np.asarray(image, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
         return (arr - lo) / (hi - lo if hi > lo else 1.0)
@@ -61,8 +61,8 @@ def plain_pytorch(artifact: str, paths: list[str], batch_size: int, workers: int
 
     model, card = load_model(artifact)
     cfg = card.preprocess_config
-    loader = DataLoader(
-        _PlainXrays(paths, cfg.image_size, cfg.mean, cfg.std),
+    loader = DataLoader(  # type: ignore[var-annotated]
+        _PlainXrays(paths, cfg.image_size, cfg.mean, cfg.std),  # type: ignore[arg-type]
         batch_size=batch_size,
         num_workers=workers,
     )

@@ -180,7 +180,7 @@ def start_serve(host: str = "127.0.0.1", port: int = 0) -> int:
     try:
         from ray.serve.context import _get_global_client
 
-        return int(_get_global_client().http_config.port)
+        return int(_get_global_client().http_config.port)  # type: ignore[union-attr]
     except Exception:  # noqa: BLE001 - private API moved: the port we asked for
         return port
 
@@ -293,7 +293,7 @@ def bench_serve(
 
     options = dict(backend=backend, precision=precision, threads=threads, max_batch_size=max_batch_size,
                    batch_wait_s=batch_wait_s, topology=topology)
-    targets = {mode: _target(model, batching=mode == "batched", **options) for mode in ("batched", "unbatched")}
+    targets = {mode: _target(model, batching=mode == "batched", **options) for mode in ("batched", "unbatched")}  # type: ignore[arg-type]
     # Both apps start together (replica start-up is most of the wall time), then are
     # measured one after the other; the idle one costs memory, not CPU.
     clock = time.perf_counter()

@@ -197,8 +197,8 @@ def _ray_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: 
         result = trainer.fit()
         wall = time.perf_counter() - started
     metrics = result.metrics
-    return {"images_per_s": round(metrics["images_per_s"], 2), "seconds": round(metrics["seconds"], 3),
-            "images": int(metrics["images"]), "fit_wall_s": round(wall, 2)}
+    return {"images_per_s": round(metrics["images_per_s"], 2), "seconds": round(metrics["seconds"], 3),  # type: ignore[index]
+            "images": int(metrics["images"]), "fit_wall_s": round(wall, 2)}  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -245,11 +245,11 @@ def bench_train(
     # The plain loop runs in a Ray worker process with the resources of one Ray Train worker, so
     # both loops see the same process set-up (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES); no Ray
     # Train, no Ray Data inside it. (In the driver, OpenMP threads can behave very differently.)
-    plain = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(_plain_loop)
+    plain = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(_plain_loop)  # type: ignore[arg-type]
     x_ref, y_ref = ray.put(x), ray.put(y)
-    plain_before = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))
+    plain_before = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))  # type: ignore[call-arg]
     ray_train = _ray_loop(arch, x, y, num_workers=num_workers, use_gpu=use_gpu, cpus=cpus, **common)
-    plain_after = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))
+    plain_after = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))  # type: ignore[call-arg]
     plain_rate = (plain_before["images_per_s"] + plain_after["images_per_s"]) / 2
     return {
         "bench": "train",

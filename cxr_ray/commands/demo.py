@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = _stage(1, f"synth: {args.n} phantom chest X-rays (DICOM/PNG/JPEG, 5% corrupt) -> {archive}")
     labels = generate_archive(
-        archive, n=args.n, formats="dcm,png,jpg", classes="covid,pneumonia,normal",
+        str(archive), n=args.n, formats="dcm,png,jpg", classes="covid,pneumonia,normal",
         corrupt_fraction=0.05, seed=0, size=256, overwrite=True,
     )
     _done(t, f"{len(labels)} files, {int(labels['corrupt'].sum())} corrupt")

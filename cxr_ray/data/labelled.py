@@ -105,7 +105,7 @@ def _read_folders(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dic
     frame = pd.DataFrame(rows, columns=["path", "label", "patient_id"])
     report = {"source": spec}
     if outside:
-        report["files_outside_class_folders"] = outside
+        report["files_outside_class_folders"] = outside  # type: ignore[assignment]
     if frame.empty:
         raise UsageError(
             f"{spec}: no files in class sub-folders; expected root/<class>/<image> or a .csv/.parquet manifest"

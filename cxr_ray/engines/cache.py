@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cxr_ray.engines.registry import get_engine
 from cxr_ray.errors import ArtifactError
@@ -220,7 +220,7 @@ def get_or_build_engine(
             extra = build(tmp) or {}
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise ArtifactError(f"engine build for {key} produced no plan at {tmp}")
-            record = EngineRecord(**{  # type: ignore[typeddict-item]  # extra: the builder's metadata
+            record = cast(EngineRecord, {  # the builder's metadata, then what the cache adds
                 **extra,
                 "file": f"{ENGINES_DIR}/{final.name}",
                 "key": key,

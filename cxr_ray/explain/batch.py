@@ -83,7 +83,7 @@ def explain_inputs(
             "layer": result.layer,
             "class": result.target_class,
             "score": result.score,
-            "predicted_label": max(result.probabilities, key=result.probabilities.get),
+            "predicted_label": max(result.probabilities, key=result.probabilities.get),  # type: ignore[arg-type]
             "rows": int(pixels.shape[0]),
             "cols": int(pixels.shape[1]),
             "files": {"overlay": png_uri, "heatmap": npy_uri},

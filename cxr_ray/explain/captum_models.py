@@ -24,7 +24,7 @@ LRP_EPSILON = 1e-9  # Captum's default: plain LRP-epsilon (larger values erased 
 def _no_inplace(net: nn.Module) -> nn.Module:
     for module in net.modules():
         if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False
+            module.inplace = False  # type: ignore[assignment]
     return net
 
 
@@ -47,8 +47,8 @@ class _ModularDenseNet(nn.Module):
         self.classifier = densenet.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pool(self.relu(self.features(x)))
-        return self.classifier(torch.flatten(out, 1))
+        out = self.pool(self.relu(self.features(x)))  # type: ignore[operator]
+        return self.classifier(torch.flatten(out, 1))  # type: ignore[operator]
 
 
 def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -71,7 +71,7 @@ class _LRPResidualBlock(nn.Module):
                 layers.append(nn.ReLU())
         self.branch = nn.Sequential(*layers)
         self.downsample = (
-            _fuse(block.downsample[0], block.downsample[1]) if block.downsample is not None else None
+            _fuse(block.downsample[0], block.downsample[1]) if block.downsample is not None else None  # type: ignore[arg-type, index]
         )
         self.add = Addition_Module()
         self.relu = nn.ReLU()
@@ -84,7 +84,7 @@ class _LRPResidualBlock(nn.Module):
 class _LRPResNet(nn.Module):
     def __init__(self, resnet: nn.Module) -> None:
         super().__init__()
-        self.conv1 = _fuse(resnet.conv1, resnet.bn1)
+        self.conv1 = _fuse(resnet.conv1, resnet.bn1)  # type: ignore[arg-type]
         self.relu = nn.ReLU()
         self.maxpool = resnet.maxpool
         for name in ("layer1", "layer2", "layer3", "layer4"):
@@ -93,9 +93,9 @@ class _LRPResNet(nn.Module):
         self.fc = resnet.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        x = self.maxpool(self.relu(self.conv1(x)))  # type: ignore[operator]
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # type: ignore[operator]
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # type: ignore[operator]
 
 
 def explainable_copy(model: nn.Module, arch: str, method: str) -> nn.Module:

@@ -72,7 +72,7 @@ def heatmap_grid(
             pixels = chosen[name][col]
             wanted = {"predicted": None, "label": name}.get(target, target)
             result = explainer.explain(pixels, wanted)
-            predicted = max(result.probabilities, key=result.probabilities.get)
+            predicted = max(result.probabilities, key=result.probabilities.get)  # type: ignore[arg-type]
             ax.imshow(overlay_rgb(pixels, result.heatmap, alpha=alpha, cmap=cmap))
             ax.set_title(
                 f"true {name} / pred {predicted}\n{method} for {result.target_class} "

@@ -218,13 +218,13 @@ def open_output(uri: str, mode: str = "wb", s3_endpoint: str | None = None, **kw
     if "x" in mode and fs.exists(path):
         raise FileExistsError(uri)
     raw = fs.open(path, "wb")
-    handle: IO = raw if binary else io.TextIOWrapper(raw, encoding=kwargs.pop("encoding", "utf-8"), **kwargs)
+    handle: IO = raw if binary else io.TextIOWrapper(raw, encoding=kwargs.pop("encoding", "utf-8"), **kwargs)  # type: ignore[no-redef]
     try:
         yield handle
     except BaseException:
         if not binary:
             with contextlib.suppress(Exception):
-                handle.detach()
+                handle.detach()  # type: ignore[attr-defined]
         discard = getattr(raw, "discard", None)
         with contextlib.suppress(Exception):
             if discard is not None:

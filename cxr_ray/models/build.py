@@ -52,10 +52,10 @@ def adapt_first_conv_to_grey(model: nn.Module, spec: ArchSpec) -> None:
     grey = nn.Conv2d(
         1,
         conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
         groups=1,
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
@@ -63,7 +63,7 @@ def adapt_first_conv_to_grey(model: nn.Module, spec: ArchSpec) -> None:
     with torch.no_grad():
         grey.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
         if conv.bias is not None:
-            grey.bias.copy_(conv.bias)
+            grey.bias.copy_(conv.bias)  # type: ignore[union-attr]
     set_submodule(model, spec.first_conv, grey)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -139,7 +139,7 @@ def _timm(name: str) -> Callable[[], nn.Module]:
 # Where the explainers read, and why (the measurements are in cxr_ray.explain.methods' docstring):
 # DenseNet's LRP at the stride-16 transition pool, VGG-19's at its block-3 max pool (stride 8);
 # finer Grad-CAM at the last stride-16 map.
-_DENSENET_EXPLAIN = {"family": "densenet", "lrp_readout": "features.transition2.pool",
+_DENSENET_EXPLAIN: dict[str, Any] = {"family": "densenet", "lrp_readout": "features.transition2.pool",
                      "finer_gradcam_layer": "features.denseblock3"}
 
 for _spec in (

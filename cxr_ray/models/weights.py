@@ -73,7 +73,7 @@ def load_state_dict(uri: str, s3_endpoint: str | None = None) -> dict[str, torch
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{uri}: not a valid safetensors file: {exc}") from exc
     else:
-        state = _torch_load(uri, data)
+        state = _torch_load(uri, data)  # type: ignore[assignment]
     return _unwrap(uri, state)
 
 
@@ -186,7 +186,7 @@ def _download_imagenet(spec: ArchSpec) -> dict[str, torch.Tensor]:
             if cfg.hf_hub_id and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
                 raise WeightsDownloadError(f"{spec.name}: {NO_NETWORK_HINT} (HF_HUB_OFFLINE is set)")
             url = cfg.url if cfg.url else os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-            _probe_download(url, spec)
+            _probe_download(url, spec)  # type: ignore[arg-type]
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, num_classes=1000)
         except OSError as exc:  # URLError; huggingface_hub's LocalEntryNotFoundError is one too

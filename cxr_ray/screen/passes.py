@@ -191,7 +191,7 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
     ds = _decode_sized_blocks(source, config.decode_batch_size)
     if not plan.decode_in_actors:
         ds = ds.map_batches(
-            decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow", zero_copy_batch=True,
+            decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow", zero_copy_batch=True,  # type: ignore[arg-type]
             fn_kwargs=decode_kwargs, num_cpus=plan.decode_cpus,
             max_retries=config.max_task_retries,  # Ray Data's default (-1) retries a poison file forever
         )
@@ -224,7 +224,7 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
     if config.heatmaps != "none":  # overlays for flagged rows, between predicting and writing
         ds = ds.map_batches(HeatmapWriter, **stage_arguments(config, shared.layout.uri, plan, ray.cluster_resources()))
     return ds.map_batches(
-        write_batch, batch_size=config.rows_per_part, batch_format="pyarrow",
+        write_batch, batch_size=config.rows_per_part, batch_format="pyarrow",  # type: ignore[arg-type]
         fn_kwargs={"output": shared.layout.uri, "s3_endpoint": config.s3_endpoint},
         num_cpus=0,  # tiny I/O tasks: never wait behind decoding for a CPU slot
     )
@@ -236,11 +236,11 @@ def _drain(ds: ray.data.Dataset, result: PassResult, progress: _Progress) -> Non
     first_at = first_rows = None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         result.parts += len(batch)
-        result.written += int(pc.sum(batch.column("rows")).as_py() or 0)
+        result.written += int(pc.sum(batch.column("rows")).as_py() or 0)  # type: ignore[union-attr]
         for key_name in counts:
-            counts[key_name] += int(pc.sum(batch.column(key_name)).as_py() or 0)
-        if result.backend is None and "backend" in batch.column_names and len(batch):
-            result.backend = batch.column("backend")[0].as_py()
+            counts[key_name] += int(pc.sum(batch.column(key_name)).as_py() or 0)  # type: ignore[union-attr]
+        if result.backend is None and "backend" in batch.column_names and len(batch):  # type: ignore[union-attr]
+            result.backend = batch.column("backend")[0].as_py()  # type: ignore[union-attr]
         result.status = dict(counts)
         progress.maybe(result)
         now = time.time()

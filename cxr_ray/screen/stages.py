@@ -174,7 +174,7 @@ class Predictor:
                     row_probs, row_fail = self.predict_rows(batch[i : i + 1])
                     probs[i], failures[i] = row_probs[0], row_fail[0]
         bad = ~np.isfinite(probs).all(axis=1)
-        for i in np.flatnonzero(bad):
+        for i in np.flatnonzero(bad):  # type: ignore[assignment]
             failures[i] = failures[i] or f"{self.backend.name}: non-finite probabilities"
         return probs, failures
 

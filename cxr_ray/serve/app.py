@@ -82,7 +82,7 @@ class CxrIngress:
         # Fused topology: the model lives here, behind the predictor's admission limits.
         self._local = self._admission = None
         if predictor is None:
-            self._local = CxrPredictor.func_or_class(args)
+            self._local = CxrPredictor.func_or_class(args)  # type: ignore[attr-defined]
             self._admission = ModelAdmission(
                 self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests
             )
@@ -107,17 +107,17 @@ class CxrIngress:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
-                    self._info = self._local.info() if self._local is not None else await self.predictor.info.remote()
+                    self._info = self._local.info() if self._local is not None else await self.predictor.info.remote()  # type: ignore[union-attr]
         return self._info
 
     async def _run_model(self, tensor: np.ndarray, pixels: np.ndarray | None, method: str | None):
         """(prediction, heatmap or None) from the model stage; 503 when it is at capacity."""
         try:
             if self._local is None:
-                result = await self.predictor.predict.remote(tensor)
-                heatmap = await self.predictor.explain.remote(pixels, method) if method else None
+                result = await self.predictor.predict.remote(tensor)  # type: ignore[union-attr]
+                heatmap = await self.predictor.explain.remote(pixels, method) if method else None  # type: ignore[union-attr]
             else:
-                async with self._admission.admit():
+                async with self._admission.admit():  # type: ignore[union-attr]
                     result = await self._local.predict(tensor)
                     heatmap = await self._local.explain(pixels, method) if method else None
         except (BackPressureError, DeploymentUnavailableError, ModelBusyError) as exc:
@@ -241,6 +241,6 @@ def app_builder(args: ServeArgs):
         logger.warning("cxr-ray serve config: %s", problem)
     plain = args.model_dump(mode="json")
     if args.topology == "fused":
-        return CxrIngress.options(**args.ingress.serve_options()).bind(None, plain)
-    predictor = CxrPredictor.options(**args.predictor.serve_options()).bind(plain)
-    return CxrIngress.options(**args.ingress.serve_options()).bind(predictor, plain)
+        return CxrIngress.options(**args.ingress.serve_options()).bind(None, plain)  # type: ignore[attr-defined]
+    predictor = CxrPredictor.options(**args.predictor.serve_options()).bind(plain)  # type: ignore[attr-defined]
+    return CxrIngress.options(**args.ingress.serve_options()).bind(predictor, plain)  # type: ignore[attr-defined]

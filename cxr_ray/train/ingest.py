@@ -72,7 +72,7 @@ def decode_dataset(
 
     source = ray.data.from_pandas(_blocks(frame[["row_id", "path", "label"]].reset_index(drop=True), rows_per_block))
     decoded = source.map_batches(
-        decode_batch,
+        decode_batch,  # type: ignore[arg-type]
         fn_kwargs={"preprocessing": preprocessing, "s3_endpoint": s3_endpoint, "pseudonym_key": pseudonym_key or grouping_key()},
         batch_size=8,
         batch_format="numpy",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -36,8 +36,8 @@ def pick_threshold(cfg: TrainConfig, prep: Prepared, labels: np.ndarray, probs: 
         return ThresholdsRecord()
     pos = prep.classes.index(prep.positive_class)
     try:
-        return ThresholdsRecord(**choose_threshold(labels == pos, probs[:, pos],  # type: ignore[typeddict-item]
-                                                   target_sensitivity=cfg.target_sensitivity))
+        chosen = choose_threshold(labels == pos, probs[:, pos], target_sensitivity=cfg.target_sensitivity)
+        return cast(ThresholdsRecord, chosen)
     except ValueError as exc:
         return ThresholdsRecord(positive=0.5, target_sensitivity=cfg.target_sensitivity, chosen_on="default",
                                 note=str(exc))

@@ -152,8 +152,8 @@ def average_batchnorm_buffers(model: nn.Module, world: int) -> None:
     for layer in model.modules():
         if isinstance(layer, _BATCHNORM) and layer.track_running_stats and layer.running_mean is not None:
             for buffer in (layer.running_mean, layer.running_var):
-                dist.all_reduce(buffer)
-                buffer.div_(world)
+                dist.all_reduce(buffer)  # type: ignore[arg-type]
+                buffer.div_(world)  # type: ignore[union-attr]
 
 
 @torch.inference_mode()

@@ -92,7 +92,7 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         self.register_buffer("cols", _pool_matrix(input_size[1], output_size[1]).t().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(torch.matmul(self.rows, x), self.cols)
+        return torch.matmul(torch.matmul(self.rows, x), self.cols)  # type: ignore[arg-type]
 
 
 def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -116,7 +116,7 @@ def make_exportable(model: nn.Module, image_size: int) -> nn.Module:
     for name, module in model.named_modules():
         if type(module) is nn.AdaptiveAvgPool2d:
             def record(mod, args, name=name):
-                seen[name] = tuple(int(v) for v in args[0].shape[-2:])
+                seen[name] = tuple(int(v) for v in args[0].shape[-2:])  # type: ignore[assignment]
 
             hooks.append(module.register_forward_pre_hook(record))
     if not hooks:
@@ -130,7 +130,7 @@ def make_exportable(model: nn.Module, image_size: int) -> nn.Module:
     replacements = {}
     for name, (height, width) in seen.items():
         size = model.get_submodule(name).output_size
-        out_h, out_w = (size, size) if isinstance(size, int) else size
+        out_h, out_w = (size, size) if isinstance(size, int) else size  # type: ignore[misc]
         out_h, out_w = out_h or height, out_w or width
         if height % out_h or width % out_w:
             replacements[name] = FixedAdaptiveAvgPool2d((height, width), (out_h, out_w))
@@ -163,6 +163,8 @@ def export_model(
             wrapped, example, dynamo=True, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
         )
+        if program is None:
+            raise ExportVerificationError("the dynamo exporter returned no program")
         program.save(os.fspath(path))
         return
     with warnings.catch_warnings():

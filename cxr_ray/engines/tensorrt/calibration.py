@@ -91,7 +91,7 @@ def make_calibrator(
         )
     dev = cuda_device(device if not isinstance(device, torch.device) else str(device))
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.batch_size = batch_size

@@ -142,7 +142,7 @@ def header_truncated(ds: Dataset, data_len: int, preamble: bool, recognisable: b
         return True
     if not recognisable or not len(ds):
         return False
-    raw = ds.get_item(next(reversed(ds.keys())))
+    raw = ds.get_item(next(reversed(ds.keys())))  # type: ignore[call-overload]
     return (
         isinstance(raw, RawDataElement)
         and raw.length != UNDEFINED_LENGTH

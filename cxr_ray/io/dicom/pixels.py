@@ -161,7 +161,7 @@ def read_codestream(src: bytes, hdr: Header, name: str) -> _Codestream | None:
         except Exception:  # noqa: BLE001 - OpenJPEG's header reader: RuntimeError, ValueError, ...
             raise DecodeError("corrupt", f"{name}: the {ts.name} frame has no readable JPEG 2000 header") from None
         stream = _Codestream(
-            frame, info["rows"], info["columns"], info["samples_per_pixel"], info["precision"], info["is_signed"]
+            frame, info["rows"], info["columns"], info["samples_per_pixel"], info["precision"], info["is_signed"]  # type: ignore[arg-type]
         )
     if (stream.rows, stream.cols) != (hdr.rows, hdr.cols) or stream.components not in (1, 3, 4):
         raise DecodeError(
@@ -181,7 +181,7 @@ def decode_frame(
     target_size: int | None,
 ) -> np.ndarray:
     """Frame 0 as an integer array: (rows, cols) grey or (rows, cols, 3) RGB, maybe reduced in size."""
-    stream = read_codestream(src, hdr, name) if hdr.transfer_syntax.is_encapsulated else None
+    stream = read_codestream(src, hdr, name) if hdr.transfer_syntax.is_encapsulated else None  # type: ignore[arg-type]
     if (
         stream is not None
         and hdr.transfer_syntax in (JPEGBaseline8Bit, JPEGExtended12Bit)
@@ -217,7 +217,7 @@ def decode_frame(
         # would log a warning per file otherwise, and copy anyway).
         view_only = hdr.bits_stored == hdr.bits_allocated
         pixels, _ = get_decoder(hdr.transfer_syntax).as_array(
-            src, index=0, view_only=view_only, as_rgb=True, **options
+            src, index=0, view_only=view_only, as_rgb=True, **options  # type: ignore[arg-type]
         )
     except Exception as exc:  # codec and plugin errors of every kind
         text = str(exc).lower()
