@@ -11,8 +11,8 @@ as keyed pseudonyms, and only when a key is given.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from cxr_ray.errors import DecodeError
 from cxr_ray.io.inputs import InputPolicy, expand_reporting, load_input

@@ -51,8 +51,8 @@ from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
 from cxr_ray.engines.tensorrt.runtime import TensorRTBackend, tensorrt_available
 from cxr_ray.engines.torch.runtime import TorchBackend
 from cxr_ray.errors import UsageError
-from cxr_ray.models.card import ModelCard
 from cxr_ray.models.artifact import load_card, load_model, localize
+from cxr_ray.models.card import ModelCard
 
 BASELINE = "torch-eager-nchw-fp32"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
