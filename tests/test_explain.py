@@ -38,8 +38,8 @@ from cxr_ray.models.artifact import save_artifact
 from cxr_ray.models.build import build_model
 from cxr_ray.models.card import new_card
 from cxr_ray.models.registry import get_arch, list_archs
+from cxr_ray.testing import CLASSES
 
-CLASSES = ["covid", "normal", "pneumonia"]
 LRP_ARCHS = [arch for arch in list_archs() if get_arch(arch).supports_lrp]  # the registry says which
 
 
@@ -54,13 +54,7 @@ def _model(arch: str, size: int, seed: int = 0) -> tuple[nn.Module, object]:
     return model.eval(), card
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared CPU one torch thread is several times faster than two fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")

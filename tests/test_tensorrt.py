@@ -18,22 +18,16 @@ import torch
 from PIL import Image
 
 from cxr_ray.errors import ArtifactError, BackendUnavailableError
-from cxr_ray.models.artifact import ENGINES_DIR, load_card, load_model, save_artifact
-from cxr_ray.models.build import build_model
-from cxr_ray.models.card import new_card
+from cxr_ray.models.artifact import ENGINES_DIR, load_card, load_model
+from cxr_ray.testing import CLASSES, make_artifact
 
-CLASSES = ["covid", "normal", "pneumonia"]
 SIZE = 64
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture()
 def artifact(tmp_path):
-    root = tmp_path / "artifact"
-    torch.manual_seed(0)
-    card = new_card(name="trt-test", arch="mobilenet_v2", classes=CLASSES, image_size=SIZE)
-    save_artifact(root, build_model("mobilenet_v2", len(CLASSES)), card)
-    return root
+    return make_artifact(tmp_path / "artifact", name="trt-test", image_size=SIZE)
 
 
 def write_png(path, seed: int, *, bits: int = 8, size=(80, 96)) -> None:

@@ -86,18 +86,7 @@ def decode_batch(
                 pixels[i] = preprocess(image.pixels, config).reshape(-1)
             except Exception as exc:  # noqa: BLE001 - a decoder output preprocess cannot take
                 raise DecodeError("corrupt", f"{name}: cannot be preprocessed ({type(exc).__name__})") from None
-            meta = image.meta
-            row.update(
-                format=meta.format,
-                modality=meta.modality,
-                view_position=meta.view_position,
-                rows=meta.rows,
-                cols=meta.cols,
-                patient_pseudonym=meta.patient_pseudonym,
-                study_pseudonym=meta.study_pseudonym,
-                instance_pseudonym=meta.instance_pseudonym,
-                warnings=list(meta.warnings),
-            )
+            row.update({k: v for k, v in image.meta.to_dict().items() if k in META_COLUMNS})
         except DecodeError as exc:
             row["error_code"] = exc.code
             row["error"] = _clip(exc.message)

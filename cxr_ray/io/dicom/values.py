@@ -68,12 +68,16 @@ def _window_or_min_max(pixels: np.ndarray, ds: Dataset, notes: list[str]) -> Non
 
 
 def _min_max(pixels: np.ndarray, notes: list[str]) -> None:
-    low, high = float(pixels.min()), float(pixels.max())
+    _stretch(pixels, float(pixels.min()), float(pixels.max()), notes, "image is constant")
+
+
+def _stretch(pixels: np.ndarray, low: float, high: float, notes: list[str], constant_note: str) -> None:
+    """[low, high] -> [0, 1] in place; all zeros (and a note) when the range is empty."""
     if high > low:
         pixels -= np.float32(low)
         pixels *= np.float32(1.0 / (high - low))
     else:
-        notes.append("image is constant")
+        notes.append(constant_note)
         pixels.fill(0.0)
 
 
@@ -154,13 +158,7 @@ def grey_to_unit(
         return raster.reduce_float(out, target_size)
     first, lut = voi_lut
     out = _apply_lut(np.rint(values) if values.dtype.kind == "f" else values, first, lut)
-    low, high = float(lut.min()), float(lut.max())  # the table's own output range
-    if high > low:
-        out -= np.float32(low)
-        out *= np.float32(1.0 / (high - low))
-    else:
-        notes.append("VOI LUT is constant")
-        out.fill(0.0)
+    _stretch(out, float(lut.min()), float(lut.max()), notes, "VOI LUT is constant")  # the table's own output range
     return raster.reduce_float(out, target_size)
 
 
