@@ -3,8 +3,8 @@
 * the one-way import flow io -> preprocess -> models -> engines -> train / screen / serve / explain
   -> commands (DESIGN.md "Data flow"), with no cycles between modules;
 * Ray only where it belongs (train, screen, serve, the CLI and benchmarks);
-* imports of the package's own modules at module top, except the CLI's one lazy import of its
-  surface per verb (``cxr-ray --help`` must not load torch or Ray);
+* imports of the package's own modules at module top, except in the CLI, whose verbs import their
+  surfaces when they run (``cxr-ray --help`` must not load torch or Ray);
 * no module over 400 lines and no function over 60, except the few listed with their reason.
 
 Read from the source with ``ast``: nothing is imported or run.
