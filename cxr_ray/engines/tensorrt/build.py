@@ -96,27 +96,12 @@ class PlanBuild:
         return tolerance("tensorrt", self.precision) if self.atol is None else self.atol
 
 
-def current_engine_key(
-    *,
-    device: str | int | None,
-    precision: str,
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
-    image_size: int,
-) -> str:
-    """The cache key for this GPU, this TensorRT and this profile."""
+def current_engine_key(*, device: str | int | None, image_size: int, **profile: Any) -> str:
+    """The cache key for this GPU and this TensorRT; ``profile``: precision, min_batch, opt_batch, max_batch
+    (see :func:`cxr_ray.engines.cache.engine_key`)."""
     trt = import_tensorrt()
-    dev = cuda_device(device)
-    return engine_key(
-        compute_capability=torch.cuda.get_device_capability(dev),
-        trt_version=trt.__version__,
-        precision=precision,
-        min_batch=min_batch,
-        opt_batch=opt_batch,
-        max_batch=max_batch,
-        image_size=image_size,
-    )
+    capability = torch.cuda.get_device_capability(cuda_device(device))
+    return engine_key(compute_capability=capability, trt_version=trt.__version__, image_size=image_size, **profile)
 
 
 # --------------------------------------------------------------------------- build + verify
