@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint typecheck
 
 setup: $(VENV)/.installed
 
@@ -20,5 +20,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: lint
+# The layering contract, cycles, module / function size and import placement are checked by
+# tests/test_architecture.py inside the pytest run.
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/pytest

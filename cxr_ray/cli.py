@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+from types import ModuleType
 
 from cxr_ray.errors import CxrRayError, UsageError
 
@@ -29,7 +30,7 @@ VERBS = {
 }
 
 
-def _available_commands() -> dict[str, object]:
+def _available_commands() -> dict[str, ModuleType]:
     modules = {}
     for verb, module_name in VERBS.items():
         try:
@@ -40,7 +41,7 @@ def _available_commands() -> dict[str, object]:
     return modules
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     parser = argparse.ArgumentParser(
         prog="cxr-ray",
         description="Distributed chest X-ray screening on Ray. Machine-readable output is JSON.",

@@ -7,6 +7,8 @@ same bad input. Messages name the input and what is wrong, never patient data.
 
 from __future__ import annotations
 
+from typing import Any
+
 # Stable decode error codes (DESIGN.md "Decode" contract). Screening writes them
 # into the Parquet ``error_code`` column and the endpoint returns them in 422s.
 DECODE_ERROR_CODES = frozenset(
@@ -45,9 +47,10 @@ class DecodeError(CxrRayError):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.read_exception: str | None = None  # set for read_failed: what the storage layer raised
 
-    def __reduce__(self):  # keep code + message across Ray's pickling of task errors
-        return (type(self), (self.code, self.message))
+    def __reduce__(self) -> tuple[Any, ...]:  # keep code + message across Ray's pickling of task errors
+        return (type(self), (self.code, self.message), {"read_exception": self.read_exception})
 
 
 class ArtifactError(CxrRayError):

@@ -1,4 +1,8 @@
-"""Joining Ray, the same way for every command (train, evaluate, screen, benches)."""
+"""Joining Ray, the same way for every command (train, evaluate, screen, benches).
+
+Ray is imported inside the functions: the CLI imports this module to build its parsers, and
+``cxr-ray --help`` must not start Ray.
+"""
 
 from __future__ import annotations
 
@@ -24,3 +28,13 @@ def connect(address: str | None = None) -> bool:
     else:
         ray.init(address="local", include_dashboard=False)  # never join a stray cluster by accident
     return True
+
+
+def quiet_ray_data() -> None:
+    """Ray Data progress bars would drown the per-epoch lines on stderr (train, evaluate, bench train)."""
+    from ray.data import DataContext  # lazily, as above
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False

@@ -14,32 +14,22 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr_ray import testing
+from cxr_ray.testing import CLASSES, IMAGE_SIZE  # noqa: F401 - the screening tests' names for them
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-CLASSES = ["covid", "normal", "pneumonia"]
-IMAGE_SIZE = 64
 
 
 def make_artifact(
     directory: Path, *, name: str = "screen-test", seed: int = 0, thresholds: dict | None = None, onnx: bool = True
 ) -> str:
-    """A real mobilenet_v2 artifact at 64 px (random weights, fixed seed)."""
-    import torch
-
-    from cxr_ray.artifact import new_card, save_artifact
-    from cxr_ray.models.registry import build_model
-
-    torch.manual_seed(seed)
-    card = new_card(
-        name=name, arch="mobilenet_v2", classes=CLASSES, image_size=IMAGE_SIZE, positive_class="covid",
+    """A real mobilenet_v2 artifact at 64 px (random weights, fixed seed), with its ONNX export as
+    `cxr-ray export` writes it (actors then load the graph instead of exporting it)."""
+    return str(testing.make_artifact(
+        directory, name=name, seed=seed, positive_class="covid", onnx=onnx,
         thresholds=thresholds or {"positive": 0.3, "chosen_on": "validation"},
-    )
-    save_artifact(directory, build_model("mobilenet_v2", len(CLASSES)).eval(), card)
-    if onnx:  # as `cxr-ray export` would: actors then load the graph instead of exporting it
-        from cxr_ray.export.onnx import export_onnx
-
-        export_onnx(directory)
-    return str(directory)
+    ))
 
 
 def make_archive(directory: Path, *, n: int = 40, corrupt_fraction: float = 0.25, seed: int = 3, size: int = 64,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 
-CLASSES = ["covid", "normal", "pneumonia"]
-IMAGE_SIZE = 64
+from cxr_ray import testing
+from cxr_ray.bench.serve import start_serve
+from cxr_ray.testing import CLASSES, IMAGE_SIZE  # noqa: F401 - the serve tests' names for them
 
 _PORT: int | None = None
 
@@ -26,32 +27,14 @@ def make_artifact(directory: Path, *, arch: str = "mobilenet_v2", image_size: in
     answers the same probabilities for every image, which would make "the
     endpoint returns what the backend computes for this file" a vacuous check.
     """
-    import torch
-
-    from cxr_ray.artifact import new_card, save_artifact
-    from cxr_ray.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(arch, len(CLASSES))
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(8, 1, image_size, image_size) * 0.5)
-    card = new_card(name="t", arch=arch, classes=CLASSES, image_size=image_size, positive_class="covid")
-    save_artifact(directory, model.eval(), card)
-    return directory
+    return testing.make_artifact(directory, arch=arch, image_size=image_size, name="t", positive_class="covid",
+                                 calibrate_bn=True)
 
 
 def serve_port() -> int:
     """Start Serve's HTTP proxy on 127.0.0.1 once per session (Ray must be initialised)."""
     global _PORT
     if _PORT is None:
-        from cxr_ray.bench.serve import start_serve
-
         _PORT = start_serve("127.0.0.1", 0)
     return _PORT
 
@@ -79,8 +62,8 @@ def deploy(args, *, name: str, route_prefix: str, timeout_s: float = 180) -> str
 
 @functools.lru_cache(maxsize=4)
 def _reference_backend(artifact: str):
-    from cxr_ray.artifact import load_card
-    from cxr_ray.backends.select import load_backend
+    from cxr_ray.engines.load import load_backend
+    from cxr_ray.models.artifact import load_card
 
     return load_card(artifact), load_backend(artifact, "auto")
 

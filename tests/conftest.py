@@ -1,6 +1,8 @@
 """Shared fixtures: one real local Ray cluster per session (started only when a
 test asks for it), the real sample X-rays, a real S3 API on loopback (moto's
-server mode) and the GPU / TensorRT markers."""
+server mode), tiny real artifacts (``artifact_factory``), one torch thread,
+and the GPU / TensorRT markers. Helpers shared with the benchmarks live in
+:mod:`cxr_ray.testing`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from cxr_ray.testing import make_artifact, torch_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("CXR_RAY_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
@@ -52,6 +56,31 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("CXR_RAY_CACHE", None)
     else:
         os.environ["CXR_RAY_CACHE"] = saved
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for each test of a module that asks (``pytestmark = usefixtures(...)``)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """One torch thread for a whole module, module-scoped fixtures included."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def artifact_factory(tmp_path_factory):
+    """``artifact_factory(label, **options)``: a tiny real artifact in a fresh directory
+    (see :func:`cxr_ray.testing.make_artifact` for the options)."""
+
+    def make(label: str = "model", **options):
+        return make_artifact(tmp_path_factory.mktemp(label) / "model", **options)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -7,27 +7,17 @@ import json
 import pytest
 import torch
 
-from cxr_ray.artifact import (
-    CARD_FILE,
-    WEIGHTS_FILE,
-    load_card,
-    load_model,
-    new_card,
-    save_artifact,
-)
 from cxr_ray.errors import ArtifactError
-from cxr_ray.models import build_model
-
-CLASSES = ["covid", "normal", "pneumonia"]
+from cxr_ray.models.artifact import CARD_FILE, WEIGHTS_FILE, load_card, load_model, save_artifact
+from cxr_ray.models.card import new_card
+from cxr_ray.testing import CLASSES, make_artifact, seeded_model
 
 
 @pytest.fixture()
 def artifact(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("mobilenet_v2", 3).eval()
-    card = new_card(name="unit", arch="mobilenet_v2", classes=CLASSES, image_size=64, positive_class="covid",
-                    thresholds={"positive": 0.3, "chosen_on": "validation"})
-    save_artifact(tmp_path / "model", model, card)
+    model = seeded_model()
+    make_artifact(tmp_path / "model", model=model, name="unit", positive_class="covid",
+                  thresholds={"positive": 0.3, "chosen_on": "validation"})
     return tmp_path / "model", model
 
 

@@ -8,44 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_ray.artifact import ONNX_FILE, load_model, new_card, save_artifact
-from cxr_ray.backends.base import Backend
-from cxr_ray.backends.onnxruntime_backend import OnnxRuntimeBackend
-from cxr_ray.backends.select import (
-    BACKEND_NAMES,
-    REDUCED_PRECISION_ATOL,
-    load_backend,
-    resolve_backend_name,
-)
-from cxr_ray.backends.torch_backend import TorchBackend, cpu_has_native_bf16
+from cxr_ray.engines.base import Backend
+from cxr_ray.engines.load import REDUCED_PRECISION_ATOL, load_backend, resolve_backend_name
+from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend
+from cxr_ray.engines.registry import BACKEND_NAMES
+from cxr_ray.engines.torch.runtime import TorchBackend, cpu_has_native_bf16
 from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
-from cxr_ray.export.onnx import export_onnx
-from cxr_ray.models.registry import build_model
+from cxr_ray.models.artifact import ONNX_FILE, load_model
+from cxr_ray.testing import CLASSES
 
-CLASSES = ["covid", "normal", "pneumonia"]
 SIZE = 64
 ATOL = 1e-4  # on probabilities
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models on a shared 2-core box
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifact")
-    torch.manual_seed(0)
-    card = new_card(name="backend-test", arch="mobilenet_v2", classes=CLASSES, image_size=SIZE)
-    save_artifact(root, build_model("mobilenet_v2", len(CLASSES)), card)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    export_onnx(root)
-    torch.set_num_threads(saved)
-    return root
+def artifact(artifact_factory):
+    return artifact_factory("artifact", name="backend-test", image_size=SIZE, onnx=True)
 
 
 @pytest.fixture(scope="module")

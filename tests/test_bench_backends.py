@@ -8,19 +8,11 @@ import json
 import pytest
 import torch
 
-from cxr_ray.artifact import new_card, save_artifact
 from cxr_ray.bench import backends as bench
 from cxr_ray.errors import UsageError
-from cxr_ray.export.onnx import export_onnx
-from cxr_ray.models.registry import build_model
+from cxr_ray.testing import make_artifact
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models on a shared 2-core box
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -77,11 +69,7 @@ def test_bench_random_arch(capsys):
 
 
 def test_bench_artifact_subset_and_output_file(tmp_path, capsys):
-    root = tmp_path / "m"
-    torch.manual_seed(0)
-    save_artifact(root, build_model("mobilenet_v2", 2),
-                  new_card(name="b", arch="mobilenet_v2", classes=["a", "b"], image_size=64))
-    export_onnx(root)
+    root = make_artifact(tmp_path / "m", classes=["a", "b"], name="b", onnx=True)
     out = tmp_path / "report.json"
     args = parse("--model", str(root), "--backends", "onnxruntime-cpu-fp32", "--output", str(out), "--rounds", "2",
                  *FAST)

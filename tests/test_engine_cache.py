@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray.artifact import ENGINES_DIR, load_card, new_card, write_card
-from cxr_ray.errors import ArtifactError
-from cxr_ray.export.engine_cache import (
+from cxr_ray.engines.cache import (
     compute_capability_tag,
     engine_key,
     file_lock,
@@ -28,6 +26,9 @@ from cxr_ray.export.engine_cache import (
     get_or_build_engine,
     verify_engine_file,
 )
+from cxr_ray.errors import ArtifactError
+from cxr_ray.models.artifact import ENGINES_DIR, load_card, write_card
+from cxr_ray.models.card import new_card
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sm90-trt10.3.0-fp16-b1-32-32-64"
@@ -159,7 +160,7 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from cxr_ray.export.engine_cache import get_or_build_engine
+    from cxr_ray.engines.cache import get_or_build_engine
 
     artifact, key, log = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 

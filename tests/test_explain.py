@@ -19,14 +19,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr_ray.artifact import new_card, save_artifact
 from cxr_ray.cli import main as cli_main
 from cxr_ray.explain import (
     Explainer,
     UnsupportedExplanationError,
     energy_ratio,
     explain,
-    explain_to_png_bytes,
     heatmap_grid,
     overlay_png_bytes,
     pointing_hit,
@@ -36,10 +34,13 @@ from cxr_ray.explain import (
 from cxr_ray.explain.localisation import summarise
 from cxr_ray.explain.methods import default_layer
 from cxr_ray.io.decode import decode_image
-from cxr_ray.models.registry import build_model, get_arch, list_archs
+from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import new_card
+from cxr_ray.models.registry import get_arch, list_archs
+from cxr_ray.testing import CLASSES
 
-CLASSES = ["covid", "normal", "pneumonia"]
-LRP_ARCHS = ["densenet121", "resnet18", "resnet50", "vgg19"]
+LRP_ARCHS = [arch for arch in list_archs() if get_arch(arch).supports_lrp]  # the registry says which
 
 
 def _model(arch: str, size: int, seed: int = 0) -> tuple[nn.Module, object]:
@@ -53,13 +54,7 @@ def _model(arch: str, size: int, seed: int = 0) -> tuple[nn.Module, object]:
     return model.eval(), card
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared CPU one torch thread is several times faster than two fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +176,8 @@ def test_heatmaps_are_repeatable_to_the_byte(densenet, method):
     second = explainer.explain(pixels, "covid").heatmap
     fresh = explain(model, card, pixels, method=method, target="covid").heatmap
     assert first.tobytes() == second.tobytes() == fresh.tobytes()
-    png = explain_to_png_bytes(model, card, pixels, method=method, target="covid")
-    assert png == explain_to_png_bytes(model, card, pixels, method=method, target="covid", explainer=explainer)
+    png = overlay_png_bytes(pixels, explain(model, card, pixels, method=method, target="covid").heatmap)
+    assert png == overlay_png_bytes(pixels, explainer.explain(pixels, "covid").heatmap)
 
 
 def test_explains_under_inference_mode(densenet):

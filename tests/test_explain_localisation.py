@@ -19,7 +19,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from cxr_ray.cli import main as cli_main
 from cxr_ray.explain.localisation import DEFAULT_TOLERANCE, localisation_report
@@ -35,18 +34,10 @@ FINE_GRADCAM = "gradcam@features.denseblock3"  # stride 16: 6 x 6 cells at 96 px
 PIXEL_LRP = "lrp@features.conv0"  # DenseNet LRP read at the first convolution
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: reproducible weights, and on a shared CPU one thread is several times
-    faster than two fighting other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory, one_torch_thread):
+def phantom(tmp_path_factory, one_torch_thread_per_module):  # one thread: reproducible weights
     synth = pytest.importorskip("cxr_ray.synth", reason="needs the phantom generator cxr_ray.synth")
     from cxr_ray.explain.phantom_check import PHANTOM_CLASSES, accuracy, train_phantom_model
 
@@ -129,7 +120,7 @@ def test_pneumonia_heatmaps_find_the_consolidation(report):
 
 
 def test_cli_evaluate_localisation_prints_json(phantom, tmp_path, capsys):
-    from cxr_ray.artifact import save_artifact
+    from cxr_ray.models.artifact import save_artifact
 
     save_artifact(tmp_path / "model", phantom["model"], phantom["card"])
     code = cli_main(

@@ -9,11 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_ray.artifact import ONNX_FILE, load_card, new_card, save_artifact, sha256_file
-from cxr_ray.errors import ArtifactError, UsageError
-from cxr_ray.export.onnx import (
-    INPUT_NAME,
-    OUTPUT_NAME,
+from cxr_ray import testing
+from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
+from cxr_ray.engines.onnxruntime.build import (
     ExportVerificationError,
     FixedAdaptiveAvgPool2d,
     ensure_onnx,
@@ -21,26 +19,19 @@ from cxr_ray.export.onnx import (
     export_onnx,
     verify_onnx,
 )
-from cxr_ray.models.registry import build_model, get_arch, list_archs
+from cxr_ray.errors import ArtifactError, UsageError
+from cxr_ray.models.artifact import ONNX_FILE, load_card, sha256_file
+from cxr_ray.models.build import build_model
+from cxr_ray.models.registry import get_arch, list_archs
+from cxr_ray.testing import CLASSES
 
-CLASSES = ["covid", "normal", "pneumonia"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small models on a shared 2-core box: more threads only add contention."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Small models on a shared 2-core box: more threads only add contention.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_artifact(directory, arch: str, size: int | None = None, seed: int = 0):
-    size = size or max(64, get_arch(arch).min_image_size)
-    torch.manual_seed(seed)
-    card = new_card(name=f"test-{arch}", arch=arch, classes=CLASSES, image_size=size)
-    save_artifact(directory, build_model(arch, len(CLASSES)), card)
-    return directory
+    return testing.make_artifact(directory, arch=arch, image_size=size or max(64, get_arch(arch).min_image_size),
+                                 name=f"test-{arch}", seed=seed)
 
 
 @pytest.mark.parametrize("arch", list_archs())
@@ -73,7 +64,7 @@ def test_fixed_adaptive_pool_equals_torch(in_size, out_size):
 
 
 def test_pool_rewrite_leaves_the_original_model_alone():
-    from cxr_ray.export.onnx import make_exportable
+    from cxr_ray.engines.onnxruntime.build import make_exportable
 
     model = build_model("vgg19", 3).eval()
     exportable = make_exportable(model, 64)  # 2x2 feature map -> 7x7 pool: rewritten, in a copy

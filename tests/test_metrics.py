@@ -16,8 +16,7 @@ from sklearn.metrics import (
 
 from cxr_ray.evaluate import choose_threshold, classification_report, summarize_folds
 from cxr_ray.evaluate.metrics import _weighted_auc
-
-CLASSES = ["covid", "normal", "pneumonia"]
+from cxr_ray.testing import CLASSES
 
 
 def _predictions(n: int = 300, k: int = 3, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -8,13 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_ray.models.registry import (
-    backbone_blocks,
-    build_model,
-    get_arch,
-    get_submodule,
-    list_archs,
-)
+from cxr_ray.models.build import backbone_blocks, build_model, get_submodule
+from cxr_ray.models.registry import get_arch, list_archs
 
 PAPER_ARCHS = {
     "vgg19", "mobilenet_v2", "inception_v3", "xception", "inception_resnet_v2",

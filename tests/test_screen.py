@@ -15,13 +15,15 @@ import pyarrow.csv as pacsv
 import pytest
 from _screen_testing import CLASSES, expected_status, make_archive, make_artifact, read_rows
 
-from cxr_ray.artifact import load_card
-from cxr_ray.backends.select import REDUCED_PRECISION_ATOL, load_backend
-from cxr_ray.backends.torch_backend import cpu_has_native_bf16
+from cxr_ray.engines.load import REDUCED_PRECISION_ATOL, load_backend
+from cxr_ray.engines.torch.runtime import cpu_has_native_bf16
 from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image
+from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import preprocess
-from cxr_ray.screen.job import ScreenConfig, plan_layout, run_screen
+from cxr_ray.screen.config import ScreenConfig
+from cxr_ray.screen.job import run_screen
+from cxr_ray.screen.resources import plan_layout
 from cxr_ray.screen.schema import prob_column
 
 PROBS = [prob_column(c) for c in CLASSES]

@@ -59,7 +59,8 @@ TWO_NODES = textwrap.dedent(
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
-    from cxr_ray.screen.job import ScreenConfig, run_screen
+    from cxr_ray.screen.config import ScreenConfig
+    from cxr_ray.screen.job import run_screen
 
     model, inputs, output = sys.argv[1:4]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 2**20})

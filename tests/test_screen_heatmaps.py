@@ -15,15 +15,17 @@ import torch
 from _screen_testing import CLASSES, make_archive, make_artifact, read_rows
 from PIL import Image
 
-from cxr_ray.artifact import new_card, save_artifact
 from cxr_ray.errors import DecodeError
 from cxr_ray.explain import Explainer, UnsupportedExplanationError
 from cxr_ray.io.decode import decode_image
-from cxr_ray.models.registry import build_model
+from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import new_card
 from cxr_ray.preprocess import preprocess
+from cxr_ray.screen.config import ScreenConfig
 from cxr_ray.screen.heatmaps import HeatmapWriter, heatmap_name
 from cxr_ray.screen.inputs import path_digests
-from cxr_ray.screen.job import ScreenConfig, run_screen
+from cxr_ray.screen.job import run_screen
 from cxr_ray.screen.schema import HEATMAP_PATH, output_schema
 
 ARCH, MODEL_SIZE, PHANTOM_SIZE = "resnet18", 64, 96  # model input != stored size: overlays must be 96 px high
@@ -107,8 +109,8 @@ def test_an_overlay_exactly_for_each_flagged_ok_row(archive, screened):
 
 
 def test_the_overlay_is_the_explainer_output_for_the_positive_class(artifact, screened):
-    from cxr_ray.artifact import load_model
     from cxr_ray.explain import overlay_png_bytes
+    from cxr_ray.models.artifact import load_model
 
     out, _ = screened
     row = read_rows(out).dropna(subset=[HEATMAP_PATH]).iloc[0]
@@ -175,7 +177,7 @@ def test_heatmaps_read_from_and_write_to_s3(archive, artifact, s3_bucket):
 
 def test_heatmap_actors_ask_for_a_cpu_only_where_one_is_left():
     from cxr_ray.screen.heatmaps import stage_arguments
-    from cxr_ray.screen.job import plan_layout
+    from cxr_ray.screen.resources import plan_layout
 
     config = ScreenConfig(model="m", inputs=["i"], output="o", heatmaps="flagged")
     for cpus, want in ((8.0, 0.25), (2.0, 0.25), (1.0, 0.25)):

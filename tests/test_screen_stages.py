@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from _screen_testing import CLASSES, IMAGE_SIZE, expected_status, make_archive, make_artifact
 
-from cxr_ray.artifact import load_card
-from cxr_ray.backends.select import load_backend
+from cxr_ray.engines.load import load_backend
 from cxr_ray.io.decode import decode_image
+from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import PreprocessConfig, preprocess
 from cxr_ray.screen.inputs import DoneSet, path_digests
 from cxr_ray.screen.output import OutputLayout, part_name

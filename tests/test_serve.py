@@ -70,7 +70,7 @@ def _assert_error(response: httpx.Response, status: int, code: str) -> dict:
 
 
 def test_healthz_model_card_and_docs(client, artifact):
-    from cxr_ray.artifact import load_card
+    from cxr_ray.models.artifact import load_card
 
     card = load_card(str(artifact))
     health = client.get("/healthz").json()

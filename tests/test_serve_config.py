@@ -134,7 +134,7 @@ def test_predictor_health_check_fails_when_the_backend_is_broken(tmp_path):
     with another input size, as after a bad hot swap)."""
     from _serve_testing import make_artifact
 
-    from cxr_ray.backends.select import load_backend
+    from cxr_ray.engines.load import load_backend
     from cxr_ray.serve.predictor import CxrPredictor
 
     artifact = make_artifact(tmp_path / "a")

@@ -17,22 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_ray.artifact import ENGINES_DIR, load_card, load_model, new_card, save_artifact
 from cxr_ray.errors import ArtifactError, BackendUnavailableError
-from cxr_ray.models.registry import build_model
+from cxr_ray.models.artifact import ENGINES_DIR, load_card, load_model
+from cxr_ray.testing import CLASSES, make_artifact
 
-CLASSES = ["covid", "normal", "pneumonia"]
 SIZE = 64
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture()
 def artifact(tmp_path):
-    root = tmp_path / "artifact"
-    torch.manual_seed(0)
-    card = new_card(name="trt-test", arch="mobilenet_v2", classes=CLASSES, image_size=SIZE)
-    save_artifact(root, build_model("mobilenet_v2", len(CLASSES)), card)
-    return root
+    return make_artifact(tmp_path / "artifact", name="trt-test", image_size=SIZE)
 
 
 def write_png(path, seed: int, *, bits: int = 8, size=(80, 96)) -> None:
@@ -66,7 +61,8 @@ def calibration_manifest(tmp_path):
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
 def test_without_tensorrt_the_error_says_how_to_install(artifact):
-    from cxr_ray.export.tensorrt import export_tensorrt, import_tensorrt, tensorrt_available
+    from cxr_ray.engines.tensorrt.build import export_tensorrt
+    from cxr_ray.engines.tensorrt.runtime import import_tensorrt, tensorrt_available
 
     with pytest.raises(BackendUnavailableError, match=r"extra-index-url https://pypi\.nvidia\.com"):
         import_tensorrt()
@@ -87,7 +83,7 @@ def test_export_command_tensorrt_without_tensorrt(artifact):
 
 
 def test_calibration_sample_is_the_models_preprocessing(calibration_manifest, artifact):
-    from cxr_ray.export.tensorrt import load_calibration_images
+    from cxr_ray.engines.tensorrt.calibration import load_calibration_images
     from cxr_ray.io.decode import decode_image
     from cxr_ray.preprocess import preprocess
 
@@ -117,8 +113,8 @@ def _reference(artifact, batch: np.ndarray) -> np.ndarray:
 
 @pytest.mark.tensorrt
 def test_fp16_engine_is_built_once_verified_and_served(artifact):
-    from cxr_ray.backends.select import load_backend
-    from cxr_ray.export.tensorrt import export_tensorrt
+    from cxr_ray.engines.load import load_backend
+    from cxr_ray.engines.tensorrt.build import export_tensorrt
 
     result = export_tensorrt(artifact, precision="fp16", max_batch=8)
     assert result["built"] and result["max_abs_diff"] <= 2e-2
@@ -141,7 +137,7 @@ def test_fp16_engine_is_built_once_verified_and_served(artifact):
 
 @pytest.mark.tensorrt
 def test_fp32_engine_is_close_to_pytorch(artifact):
-    from cxr_ray.export.tensorrt import export_tensorrt
+    from cxr_ray.engines.tensorrt.build import export_tensorrt
 
     result = export_tensorrt(artifact, precision="fp32", max_batch=4, opt_batch=2)
     assert result["max_abs_diff"] <= 1e-3 and "-fp32-b1-2-4-" in result["key"]
@@ -149,8 +145,8 @@ def test_fp32_engine_is_close_to_pytorch(artifact):
 
 @pytest.mark.tensorrt
 def test_tampered_engine_is_refused(artifact):
-    from cxr_ray.backends.select import load_backend
-    from cxr_ray.export.tensorrt import export_tensorrt
+    from cxr_ray.engines.load import load_backend
+    from cxr_ray.engines.tensorrt.build import export_tensorrt
 
     result = export_tensorrt(artifact, precision="fp16", max_batch=4)
     path = artifact / result["file"]
@@ -163,7 +159,7 @@ def test_tampered_engine_is_refused(artifact):
 
 @pytest.mark.tensorrt
 def test_int8_engine_calibrated_from_a_manifest(artifact, calibration_manifest):
-    from cxr_ray.export.tensorrt import export_tensorrt
+    from cxr_ray.engines.tensorrt.build import export_tensorrt
 
     result = export_tensorrt(artifact, precision="int8", max_batch=4, calibration=str(calibration_manifest),
                              atol=0.5)
@@ -175,7 +171,7 @@ def test_int8_engine_calibrated_from_a_manifest(artifact, calibration_manifest):
 def test_engine_key_names_this_gpu_and_tensorrt():
     import tensorrt as trt
 
-    from cxr_ray.export.tensorrt import current_engine_key
+    from cxr_ray.engines.tensorrt.build import current_engine_key
 
     major, minor = torch.cuda.get_device_capability(0)
     key = current_engine_key(device=0, precision="fp16", min_batch=1, opt_batch=4, max_batch=4, image_size=SIZE)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cxr_ray import cli
-from cxr_ray.artifact import load_model
+from cxr_ray.models.artifact import load_model
 from cxr_ray.synth import generate_archive
 
 EPOCHS = 10
@@ -117,8 +117,8 @@ def test_a_short_run_learns_and_writes_the_artifact(trained, phantoms):
 
 @pytest.mark.slow
 def test_artifact_round_trips_to_identical_outputs(trained):
-    from cxr_ray.models.registry import build_model
-    from cxr_ray.train.loop import load_state
+    from cxr_ray.models.build import build_model
+    from cxr_ray.train.epoch_state import load_state
 
     summary, out, storage, _ = trained
     model, card = load_model(str(out))
@@ -220,9 +220,9 @@ def test_cv_is_interrupted_then_resumed_without_repeating_epochs(ray_cluster, tm
 
 
 def test_a_heatmap_grid_that_cannot_be_drawn_is_a_warning_not_a_failure(tmp_path, caplog):
-    from cxr_ray.artifact import new_card
-    from cxr_ray.models.registry import build_model
-    from cxr_ray.train.evaluation import pick_samples, write_heatmap_grid
+    from cxr_ray.evaluate.report import pick_samples, write_heatmap_grid
+    from cxr_ray.models.build import build_model
+    from cxr_ray.models.card import new_card
 
     card = new_card(name="m", arch="resnet18", classes=["covid", "normal"], image_size=32, positive_class="covid")
     model = build_model("resnet18", 2).eval()
@@ -247,10 +247,11 @@ def test_bad_usage_exits_2_before_starting_ray(tmp_path):
 @pytest.mark.parametrize("label_space", ["keep", "extend"])
 def test_init_from_an_artifact_keeps_output_neurons_of_shared_classes(tmp_path, label_space):
     """Twice transfer (Bassi & Attux) and DETL (Basu et al.): the starting weights the driver builds."""
-    from cxr_ray.artifact import new_card, save_artifact
-    from cxr_ray.models.registry import build_model
+    from cxr_ray.models.artifact import save_artifact
+    from cxr_ray.models.build import build_model
+    from cxr_ray.models.card import new_card
     from cxr_ray.train.config import TrainConfig
-    from cxr_ray.train.runner import initial_weights, resolve_classes
+    from cxr_ray.train.prepare import initial_weights, resolve_classes
 
     torch.manual_seed(1)
     source = build_model("resnet18", 2)

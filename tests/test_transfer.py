@@ -8,8 +8,10 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from cxr_ray.artifact import new_card, save_artifact
-from cxr_ray.models.registry import backbone_blocks, build_model, get_arch
+from cxr_ray.models.artifact import save_artifact
+from cxr_ray.models.build import backbone_blocks, build_model
+from cxr_ray.models.card import new_card
+from cxr_ray.models.registry import get_arch
 from cxr_ray.models.transfer import (
     configure_mode,
     extended_classes,

@@ -12,7 +12,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from cxr_ray.errors import CxrRayError
-from cxr_ray.models.registry import build_model, get_arch
+from cxr_ray.models.build import build_model
+from cxr_ray.models.registry import get_arch
 from cxr_ray.models.weights import (
     WeightsDownloadError,
     WeightsError,

@@ -38,16 +38,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import torch
+
+from cxr_ray.bench.measure import random_artifact
+from cxr_ray.engines.onnxruntime.build import ensure_onnx, export_onnx
+from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend, available_cpus
+from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
+from cxr_ray.engines.tensorrt.runtime import TensorRTBackend, tensorrt_available
+from cxr_ray.engines.torch.runtime import TorchBackend
+from cxr_ray.errors import UsageError
+from cxr_ray.models.artifact import load_card, load_model, localize
+from cxr_ray.models.card import ModelCard
 
 BASELINE = "torch-eager-nchw-fp32"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
-BENCH_CLASSES = ["covid", "normal", "pneumonia"]
 
 
 @dataclass
 class BenchContext:
     root: Path
-    card: object  # ModelCard
+    card: ModelCard
     device: str
     num_threads: int | None
     max_batch: int
@@ -55,8 +69,6 @@ class BenchContext:
 
     def onnx(self) -> tuple[Path, str]:
         if self._onnx is None:
-            from cxr_ray.export.onnx import ensure_onnx
-
             self._onnx = ensure_onnx(self.root, self.card)
         return self._onnx
 
@@ -70,9 +82,6 @@ class Candidate:
 
 def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile: bool = False):
     def make(ctx: BenchContext):
-        from cxr_ray.artifact import load_model
-        from cxr_ray.backends.torch_backend import TorchBackend
-
         model, card = load_model(str(ctx.root))
         return TorchBackend(
             model, card.classes, card.image_size, device=device, precision=precision,
@@ -84,8 +93,6 @@ def _torch(device: str, *, channels_last: bool, precision: str = "fp32", compile
 
 def _onnxruntime(device: str):
     def make(ctx: BenchContext):
-        from cxr_ray.backends.onnxruntime_backend import OnnxRuntimeBackend
-
         path, sha = ctx.onnx()
         return OnnxRuntimeBackend(
             path, ctx.card.classes, ctx.card.image_size, device=device, num_threads=ctx.num_threads,
@@ -97,12 +104,9 @@ def _onnxruntime(device: str):
 
 def _tensorrt(precision: str):
     def make(ctx: BenchContext):
-        from cxr_ray.backends.tensorrt_backend import TensorRTBackend
-        from cxr_ray.export.tensorrt import get_engine
-
         path, sha = ctx.onnx()
-        record, _ = get_engine(ctx.root, ctx.card, path, sha, precision=precision, max_batch=ctx.max_batch,
-                               device=ctx.device)
+        build = PlanBuild(precision=precision, max_batch=ctx.max_batch, device=ctx.device)
+        record, _ = provide_plan(ctx.root, ctx.card, path, sha, build)
         return TensorRTBackend.from_engine_file(
             ctx.root / record["file"], record["sha256"], ctx.card.classes, ctx.card.image_size,
             device=ctx.device, precision=precision,
@@ -125,10 +129,6 @@ def candidates(device: str, *, compile: bool = False, bf16: bool = False) -> tup
         if bf16:
             chosen.append(Candidate("torch-eager-cl-bf16", _torch("cpu", channels_last=True, precision="bf16"), exact=False))
         return chosen, skipped
-
-    import onnxruntime
-
-    from cxr_ray.export.tensorrt import tensorrt_available
 
     chosen = [
         Candidate(BASELINE, _torch(device, channels_last=False)),
@@ -176,11 +176,6 @@ def _cpu_model() -> str:
 
 
 def machine_info(device: str) -> dict:
-    import numpy as np
-    import onnxruntime
-    import torch
-
-    from cxr_ray.backends.onnxruntime_backend import available_cpus
 
     trt_version = None
     if importlib.util.find_spec("tensorrt") is not None:
@@ -208,6 +203,65 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _load_backends(chosen: list[Candidate], ctx: BenchContext, skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidates that load here; the others are reported in ``skipped`` (the baseline must load)."""
+    backends = {}
+    for cand in chosen:
+        try:
+            backends[cand.name] = cand.make(ctx)
+        except Exception as exc:  # report, keep measuring the others
+            if cand.name == BASELINE:
+                raise
+            skipped.append({"backend": cand.name, "reason": f"{type(exc).__name__}: {exc}"})
+    return backends
+
+
+def _measure(backends: dict[str, Any], exact: dict[str, bool], batch_sizes: list[int], image_size: int,
+             timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per backend and batch size, each backend timed in turn round by round on the same batch."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in batch_sizes:
+        batch = rng.standard_normal((size, 1, image_size, image_size), dtype=np.float32)
+        reference = backends[BASELINE].predict(batch)
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        per_round = timing["seconds"] / timing["rounds"]
+        for _ in range(timing["rounds"]):
+            for name, backend in backends.items():
+                times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=timing["warmup_s"],
+                                             min_iters=timing["min_iters"])
+        base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])
+        for name, backend in backends.items():
+            rate = size * len(times[name]) / sum(times[name])
+            rows.append({
+                "backend": name,
+                "batch_size": size,
+                "images_per_s": round(rate, 2),
+                "ratio_vs_baseline": round(rate / base_rate, 2),
+                "latency_ms_median": round(1000 * statistics.median(times[name]), 2),
+                "iterations": len(times[name]),
+                "max_abs_diff_vs_baseline": float(np.max(np.abs(backend.predict(batch) - reference))),
+                "fp32_equivalent": exact[name],
+            })
+    return rows
+
+
+def _best(rows: list[dict[str, Any]], batch_sizes: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """"best" only among backends that compute the same numbers as fp32 PyTorch; lower-precision
+    winners (bf16, fp16, TensorRT fp16) are listed apart so a speed-up is never a silent accuracy trade."""
+    best, best_lower = {}, {}
+    for size in batch_sizes:
+        here = [r for r in rows if r["batch_size"] == size]
+        row = max((r for r in here if r["fp32_equivalent"]), key=lambda r: r["images_per_s"])
+        best[str(size)] = {k: row[k] for k in ("backend", "images_per_s", "ratio_vs_baseline")}
+        lower = [r for r in here if not r["fp32_equivalent"] and r["images_per_s"] > row["images_per_s"]]
+        if lower:
+            top = max(lower, key=lambda r: r["images_per_s"])
+            best_lower[str(size)] = {k: top[k] for k in ("backend", "images_per_s", "ratio_vs_baseline",
+                                                         "max_abs_diff_vs_baseline")}
+    return best, best_lower
+
+
 def run_benchmark(
     root: Path,
     *,
@@ -224,9 +278,6 @@ def run_benchmark(
     source: str = "artifact",
 ) -> dict:
     """Measure every available candidate on the artifact at ``root``; returns the report dict."""
-    import numpy as np
-
-    from cxr_ray.artifact import load_card
 
     card = load_card(str(root))
     info = machine_info(device)
@@ -234,58 +285,14 @@ def run_benchmark(
     if only:
         unknown = sorted(set(only) - {c.name for c in chosen} - {s["backend"] for s in skipped})
         if unknown:
-            from cxr_ray.errors import UsageError
-
             raise UsageError(f"unknown backends {unknown}; here: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in only or c.name == BASELINE]
     ctx = BenchContext(root=root, card=card, device=device, num_threads=num_threads, max_batch=max(batch_sizes))
-    backends = {}
-    for cand in chosen:
-        try:
-            backends[cand.name] = cand.make(ctx)
-        except Exception as exc:  # report, keep measuring the others
-            if cand.name == BASELINE:
-                raise
-            skipped.append({"backend": cand.name, "reason": f"{type(exc).__name__}: {exc}"})
-    exact = {c.name: c.exact for c in chosen}
-    import torch
-
+    backends = _load_backends(chosen, ctx, skipped)
     info["torch_threads"] = torch.get_num_threads()  # after the backends applied --threads
-    rng = np.random.default_rng(0)
-    rows = []
-    for size in batch_sizes:
-        batch = rng.standard_normal((size, 1, card.image_size, card.image_size), dtype=np.float32)
-        reference = backends[BASELINE].predict(batch)
-        times: dict[str, list[float]] = {name: [] for name in backends}
-        per_round = seconds / rounds
-        for _ in range(rounds):
-            for name, backend in backends.items():
-                times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=warmup_s, min_iters=min_iters)
-        base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])
-        for name, backend in backends.items():
-            rate = size * len(times[name]) / sum(times[name])
-            rows.append({
-                "backend": name,
-                "batch_size": size,
-                "images_per_s": round(rate, 2),
-                "ratio_vs_baseline": round(rate / base_rate, 2),
-                "latency_ms_median": round(1000 * statistics.median(times[name]), 2),
-                "iterations": len(times[name]),
-                "max_abs_diff_vs_baseline": float(np.max(np.abs(backend.predict(batch) - reference))),
-                "fp32_equivalent": exact[name],
-            })
-    # "best" only among backends that compute the same numbers as fp32 PyTorch; lower-precision
-    # winners (bf16, fp16, TensorRT fp16) are listed apart so a speed-up is never a silent accuracy trade.
-    best, best_lower = {}, {}
-    for size in batch_sizes:
-        here = [r for r in rows if r["batch_size"] == size]
-        row = max((r for r in here if r["fp32_equivalent"]), key=lambda r: r["images_per_s"])
-        best[str(size)] = {k: row[k] for k in ("backend", "images_per_s", "ratio_vs_baseline")}
-        lower = [r for r in here if not r["fp32_equivalent"] and r["images_per_s"] > row["images_per_s"]]
-        if lower:
-            top = max(lower, key=lambda r: r["images_per_s"])
-            best_lower[str(size)] = {k: top[k] for k in ("backend", "images_per_s", "ratio_vs_baseline",
-                                                         "max_abs_diff_vs_baseline")}
+    timing = {"seconds": seconds, "warmup_s": warmup_s, "min_iters": min_iters, "rounds": rounds}
+    rows = _measure(backends, {c.name: c.exact for c in chosen}, batch_sizes, card.image_size, timing)
+    best, best_lower = _best(rows, batch_sizes)
     if hasattr(os, "getloadavg"):
         info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
@@ -340,16 +347,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.errors import UsageError
-
     only = [name.strip() for name in args.backends.split(",")] if args.backends else None
     common = dict(
         batch_sizes=args.batch_sizes, seconds=args.seconds, warmup_s=args.warmup, rounds=max(1, args.rounds),
         device=args.device, num_threads=args.threads, compile=args.compile, bf16=args.bf16, only=only,
     )
     if args.model:
-        from cxr_ray.artifact import load_card, localize
-
         root = localize(args.model, args.s3_endpoint)
         card = load_card(str(root))
         if args.image_size is not None and args.image_size != card.image_size:
@@ -359,19 +362,9 @@ def run(args: argparse.Namespace) -> int:
             )
         report = run_benchmark(root, source="artifact", **common)
     else:
-        import torch
 
-        from cxr_ray.artifact import new_card, save_artifact
-        from cxr_ray.models.registry import build_model, get_arch
-
-        spec = get_arch(args.arch)
-        size = args.image_size or spec.default_image_size
         with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-            torch.manual_seed(0)
-            card = new_card(name=f"bench-{args.arch}", arch=args.arch, classes=BENCH_CLASSES, image_size=size)
-            save_artifact(tmp, build_model(args.arch, len(BENCH_CLASSES)), card)
-            from cxr_ray.export.onnx import export_onnx
-
+            random_artifact(tmp, args.arch, args.image_size, positive_class=None)
             export_onnx(tmp)
             report = run_benchmark(Path(tmp), source="random-init", **common)
     text = json.dumps(report, indent=2)

@@ -26,8 +26,17 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
+
+import numpy
+import numpy as np
+import PIL
+import pydicom
+from PIL import Image
 
 from cxr_ray.errors import UsageError
+from cxr_ray.io.decode import decode_image, sniff_format
+from cxr_ray.preprocess import resize_square
 
 FORMATS = ("dicom", "png", "jpeg")
 
@@ -58,9 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ours(size: int) -> Callable[[bytes], object]:
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.preprocess import resize_square
-
     def run_one(data: bytes):
         return resize_square(decode_image(data, "bench", target_size=size).pixels, size)
 
@@ -68,12 +74,7 @@ def _ours(size: int) -> Callable[[bytes], object]:
 
 
 def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
-    import numpy as np
-
     if fmt == "dicom":
-        import pydicom
-
-        from cxr_ray.preprocess import resize_square
 
         def dicom_one(data: bytes):
             pixels = pydicom.dcmread(BytesIO(data)).pixel_array.astype(np.float32)
@@ -82,8 +83,6 @@ def _baseline(fmt: str, size: int) -> Callable[[bytes], object]:
             return resize_square(pixels, size)
 
         return dicom_one
-
-    from PIL import Image
 
     def raster_one(data: bytes):
         image = (
@@ -98,7 +97,6 @@ def collect_files(
     root: str | os.PathLike, limit: int | None
 ) -> tuple[dict[str, list[tuple[str, bytes]]], int]:
     """Bytes of up to ``limit`` files per format under ``root`` (by content); and the count skipped."""
-    from cxr_ray.io.decode import sniff_format
 
     files: dict[str, list[tuple[str, bytes]]] = {fmt: [] for fmt in FORMATS}
     skipped = 0
@@ -124,6 +122,41 @@ def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
+def _usable(files: dict[str, list[tuple[str, bytes]]], ours: Callable[[bytes], object],
+            baselines: dict[str, Callable[[bytes], object]]) -> tuple[dict[str, list[bytes]], list[dict[str, str]]]:
+    """The files both paths decode, per format (also the warm-up pass), and the ones left out, with why."""
+    batches: dict[str, list[bytes]] = {}
+    excluded = []
+    for fmt, entries in files.items():
+        batch = []
+        for relative, data in entries:
+            failed = None
+            for label, function in (("ours", ours), ("baseline", baselines[fmt])):
+                try:
+                    function(data)
+                except Exception as exc:  # noqa: BLE001 - a file either path cannot decode is left out of both
+                    failed = {"path": relative, "format": fmt, "failed": label,
+                              "error": getattr(exc, "code", type(exc).__name__)}
+                    break
+            if failed:
+                excluded.append(failed)
+            else:
+                batch.append(data)
+        if batch:
+            batches[fmt] = batch
+    return batches, excluded
+
+
+def _format_figures(batch: list[bytes], ours_s: float, base_s: float) -> dict[str, Any]:
+    return {
+        "files": len(batch),
+        "mean_bytes": round(sum(map(len, batch)) / len(batch)),
+        "ours_files_per_s": round(_rate(len(batch), ours_s), 2),
+        "baseline_files_per_s": round(_rate(len(batch), base_s), 2),
+        "ratio": round(base_s / ours_s, 3) if ours_s > 0 else None,
+    }
+
+
 def bench_decode(
     root: str | os.PathLike, *, size: int = 224, limit: int | None = None, rounds: int = 3
 ) -> dict:
@@ -142,30 +175,7 @@ def bench_decode(
 
     ours = _ours(size)
     baselines = {fmt: _baseline(fmt, size) for fmt in FORMATS}
-    batches: dict[str, list[bytes]] = {}
-    excluded = []
-    for fmt, entries in files.items():
-        batch = []
-        for relative, data in entries:  # also the warm-up pass
-            failed = None
-            for label, function in (("ours", ours), ("baseline", baselines[fmt])):
-                try:
-                    function(data)
-                except Exception as exc:
-                    failed = {
-                        "path": relative,
-                        "format": fmt,
-                        "failed": label,
-                        "error": getattr(exc, "code", type(exc).__name__),
-                    }
-                    break
-            if failed:
-                excluded.append(failed)
-            else:
-                batch.append(data)
-        if batch:
-            batches[fmt] = batch
-
+    batches, excluded = _usable(files, ours, baselines)
     best: dict[tuple[str, str], float] = {}
     for _ in range(rounds):
         for fmt, batch in batches.items():
@@ -174,16 +184,8 @@ def bench_decode(
                 key = (fmt, label)
                 best[key] = min(seconds, best.get(key, float("inf")))
 
-    per_format = {}
-    for fmt, batch in batches.items():
-        ours_s, base_s = best[(fmt, "ours")], best[(fmt, "baseline")]
-        per_format[fmt] = {
-            "files": len(batch),
-            "mean_bytes": round(sum(map(len, batch)) / len(batch)),
-            "ours_files_per_s": round(_rate(len(batch), ours_s), 2),
-            "baseline_files_per_s": round(_rate(len(batch), base_s), 2),
-            "ratio": round(base_s / ours_s, 3) if ours_s > 0 else None,
-        }
+    per_format = {fmt: _format_figures(batch, best[(fmt, "ours")], best[(fmt, "baseline")])
+                  for fmt, batch in batches.items()}
     total_files = sum(len(batch) for batch in batches.values())
     ours_total = sum(best[(fmt, "ours")] for fmt in batches)
     base_total = sum(best[(fmt, "baseline")] for fmt in batches)
@@ -212,10 +214,6 @@ def bench_decode(
 
 
 def _environment() -> dict:
-    import numpy
-    import PIL
-    import pydicom
-
     return {
         "python": platform.python_version(),
         "numpy": numpy.__version__,

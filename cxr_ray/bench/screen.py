@@ -7,7 +7,7 @@ One run measures, on the same files:
   process, one core;
 * ``backends``: process CPU seconds per image of every backend that loads
   here, one thread each, on preprocessed batches; the cheapest is "best";
-* ``bound = cores / (decode + best backend)`` images/s: what this machine
+* ``bound = n_cores / (decode + best backend)`` images/s: what this machine
   could do if every core did nothing but useful decode and inference;
 * ``ray_job``: the end-to-end throughput of :func:`cxr_ray.screen.job.run_screen`
   (listing, decode, predict, Parquet, summary; a Ray already running, as in
@@ -31,16 +31,26 @@ Timings are wall clock (``time.perf_counter``) and process CPU time
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-DEFAULT_CLASSES = ["covid", "normal", "pneumonia"]
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import torch
+
+from cxr_ray.bench.measure import cores, random_artifact
+from cxr_ray.bench.screen_baseline import plain_pytorch
+from cxr_ray.bench.screen_job import job_config, ray_job, ready_ray
+from cxr_ray.bench.screen_memory import memory_check
+from cxr_ray.engines.load import load_backend
+from cxr_ray.errors import UsageError
+from cxr_ray.io.storage import expand_inputs
+from cxr_ray.models.artifact import load_card
+from cxr_ray.screen.stages import decode_batch
 
 
 def add_parser(subparsers) -> None:
@@ -107,34 +117,7 @@ def add_parser(subparsers) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _artifact(args, work: Path) -> str:
-    if args.model:
-        return args.model
-    from cxr_ray.artifact import new_card, save_artifact
-    from cxr_ray.models.registry import build_model
-
-    card = new_card(
-        name=f"bench-{args.arch}",
-        arch=args.arch,
-        classes=DEFAULT_CLASSES,
-        image_size=args.image_size,
-        positive_class="covid",
-    )
-    out = work / "model"
-    save_artifact(out, build_model(args.arch, len(DEFAULT_CLASSES)).eval(), card)
-    return str(out)
-
-
 def _list_inputs(spec: str, limit: int | None) -> list[str]:
-    from cxr_ray.io.storage import expand_inputs
-
     paths = []
     for path in expand_inputs(spec):
         paths.append(path)
@@ -144,56 +127,8 @@ def _list_inputs(spec: str, limit: int | None) -> list[str]:
 
 
 def _write_manifest(paths: list[str], target: Path) -> str:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
     pacsv.write_csv(pa.table({"path": paths}), str(target))
     return str(target)
-
-
-class _CpuMeter:
-    """CPU seconds used by this process and every process below it (the embedded Ray, DataLoader
-    workers) over a block: ``user + system`` of the living processes plus what their reaped
-    children used. On a shared machine it separates "the job wastes CPU" from "the job got
-    little CPU": ``machine_share`` is the fraction of all cores' time that went to us."""
-
-    def _total(self) -> float:
-        import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
-
-        psutil = importlib.import_module("psutil")
-        me = psutil.Process()
-        total = 0.0
-        for proc in [me, *me.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
-
-    @staticmethod
-    def _machine() -> tuple[float, float]:
-        """(busy, total) CPU seconds of the whole machine so far (all users)."""
-        psutil = importlib.import_module("psutil")
-        t = psutil.cpu_times()
-        idle = t.idle + getattr(t, "iowait", 0.0)
-        return sum(t) - idle, sum(t)
-
-    def __enter__(self):
-        self.start, self.machine_start = self._total(), self._machine()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.used = self._total() - self.start
-        busy, total = self._machine()
-        self.machine_busy = (busy - self.machine_start[0]) / max(total - self.machine_start[1], 1e-9)
-
-    def report(self, images: int, wall: float) -> dict:
-        return {
-            "core_s_per_image": self.used / max(images, 1),
-            # Our share of all cores' time, and how busy the machine was in all (us + others):
-            # share << busy ~ 1.0 means the neighbours took the rest, not that we left it idle.
-            "machine_share": self.used / (wall * _cores()) if wall > 0 else None,
-            "machine_busy": self.machine_busy,
-        }
 
 
 # --------------------------------------------------------------------------- per-stage costs
@@ -201,9 +136,6 @@ class _CpuMeter:
 
 def decode_cost(paths: list[str], preprocessing: dict, chunk: int = 8) -> dict:
     """CPU seconds per image of the job's decode stage, in this one process."""
-    import pyarrow as pa
-
-    from cxr_ray.screen.stages import decode_batch
 
     decode_batch(
         pa.table({"path": paths[:1]}), preprocessing=preprocessing
@@ -232,9 +164,6 @@ def backend_costs(
     fp32 engines always; with a reduced ``precision`` the torch backend at that
     precision too (its max difference from fp32, checked at load, is reported).
     """
-    import numpy as np
-
-    from cxr_ray.backends.select import load_backend
 
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((batch_size, 1, image_size, image_size)).astype(np.float32)
@@ -258,7 +187,7 @@ def backend_costs(
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         n = batches * batch_size
         label = backend.label
-        out[label] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}
+        out[label] = {"core_s_per_image": cpu / n, "wall_s_per_image": wall / n, "threads": 1}  # type: ignore[dict-item]
         diff = backend.describe().get("verified_max_abs_diff_vs_fp32")
         if diff is not None and engine_precision != "fp32":
             out[label]["max_abs_diff_vs_fp32"] = diff
@@ -266,270 +195,21 @@ def backend_costs(
     return out
 
 
-# --------------------------------------------------------------------------- the Ray job
-
-
-def _job_config(args, artifact: str, inputs: str, output: str):
-    """The job as a user runs it: the CLI's defaults unless a flag here overrides them."""
-    from cxr_ray.commands.screen import _actors
-    from cxr_ray.screen.job import ScreenConfig
-
-    return ScreenConfig(
-        model=artifact,
-        inputs=[inputs],
-        output=output,
-        backend=args.backend,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        decode_batch_size=args.decode_batch_size,
-        actors=_actors(args.actors) if args.actors else None,
-        cpus_per_actor=args.cpus_per_actor,
-        decode_cpus=args.decode_cpus,
-        rows_per_part=100,  # enough parts for a steady-state rate
-        progress_every_s=0,
-    )
-
-
-@contextlib.contextmanager
-def ready_ray(cores: int):
-    """The Ray the job runs on: the one already running, else a local one started here (and
-    shut down after), entered only once it runs a task on every core.
-
-    ``ray.init`` returns while the worker processes it prestarts are still
-    importing Ray (2-3 s here); the job would pay for that inside its own
-    clock, which a job submitted to a running cluster, the case measured
-    here, does not.
-    """
-    import ray
-
-    from cxr_ray.screen.job import connect
-
-    @ray.remote(num_cpus=1)
-    def ready() -> int:
-        return os.getpid()
-
-    started = connect(None)
-    try:
-        if started:
-            ray.get([ready.remote() for _ in range(cores)])
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def ray_job(config) -> dict:
-    import ray
-
-    from cxr_ray.screen.job import plan_layout, run_screen
-
-    layout = plan_layout(config, ray.cluster_resources())
-
-    with open(os.devnull, "w") as sink, _CpuMeter() as cpu:
-        t0 = time.perf_counter()
-        summary = run_screen(config, stream=sink)
-        wall = time.perf_counter() - t0
-    rows = summary["rows"]
-    return {
-        "images": rows,
-        "seconds": round(wall, 3),
-        "images_per_s": rows / wall,
-        **cpu.report(rows, wall),
-        "steady_images_per_s": summary.get("steady_images_per_s"),
-        "backend": summary["backend"],
-        "status": summary["status"],
-        "layout": {
-            "actors": list(layout.actors),
-            "cpus_per_actor": layout.cpus_per_actor,
-            "threads_per_actor": layout.threads_per_actor,
-            "decode_cpus": layout.decode_cpus,
-            "decode_in_actors": layout.decode_in_actors,
-            "batch_size": config.batch_size,
-            "decode_batch_size": config.decode_batch_size,
-        },
-    }
-
-
-# --------------------------------------------------------------------------- the plain PyTorch baseline
-
-
-class _PlainXrays:
-    """A torch Dataset as a user would write it: decode the whole file, resize with torch."""
-
-    def __init__(self, paths: list[str], image_size: int, mean: float, std: float) -> None:
-        self.paths, self.image_size, self.mean, self.std = paths, image_size, mean, std
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _pixels(self, path: str):
-        import numpy as np
-
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-        if head[128:132] == b"DICM":
-            import pydicom
-            from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-            ds = pydicom.dcmread(path)
-            arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
-            if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-                arr = arr.max() - arr
-        else:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                if image.mode not in ("L", "I", "I;16", "F"):
-                    image = image.convert("L")
-                arr = np.asarray(image, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / (hi - lo if hi > lo else 1.0)
-
-    def __getitem__(self, index: int):
-        import torch
-        import torch.nn.functional as F
-
-        try:
-            pixels = torch.from_numpy(self._pixels(self.paths[index]))[None, None]
-        except Exception:  # noqa: BLE001 - a broken file: zeros, as many user loops do
-            pixels = torch.zeros(1, 1, self.image_size, self.image_size)
-        resized = F.interpolate(
-            pixels, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-        )
-        return ((resized[0] - self.mean) / self.std).float()
-
-
-def plain_pytorch(artifact: str, paths: list[str], batch_size: int, workers: int) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from cxr_ray.artifact import load_model
-
-    model, card = load_model(artifact)
-    cfg = card.preprocess_config
-    loader = DataLoader(
-        _PlainXrays(paths, cfg.image_size, cfg.mean, cfg.std),
-        batch_size=batch_size,
-        num_workers=workers,
-    )
-    n = 0
-    with _CpuMeter() as cpu, torch.no_grad():
-        t0 = time.perf_counter()
-        for batch in loader:
-            torch.softmax(model(batch), dim=1)
-            n += len(batch)
-        wall = time.perf_counter() - t0
-    return {
-        "images": n,
-        "seconds": round(wall, 3),
-        "images_per_s": n / wall,
-        **cpu.report(n, wall),
-        "num_workers": workers,
-        "batch_size": batch_size,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-# --------------------------------------------------------------------------- memory check
-
-
-class _PssSampler:
-    """Peak summed PSS of this process and all its descendants (the embedded Ray), sampled."""
-
-    def __init__(self, every_s: float = 0.25) -> None:
-        self.every_s, self.peak, self.peak_processes = every_s, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _sample(self) -> None:
-        import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
-
-        psutil = importlib.import_module("psutil")
-
-        me = psutil.Process()
-        total, count = 0, 0
-        for proc in [me, *me.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_full_info().pss
-                count += 1
-        if total > self.peak:
-            self.peak, self.peak_processes = total, count
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _tiny_archive(directory: Path, n: int) -> None:
-    """``n`` small distinct 64x64 PNGs, 1,000 per folder (the content does not matter here)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(n)
-    base = (rng.random((64, 64)) * 255).astype(np.uint8)
-    for i in range(n):
-        folder = directory / f"{i // 1000:03d}"
-        if i % 1000 == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        image = base.copy()
-        image[0, :4] = np.frombuffer(i.to_bytes(4, "little"), dtype=np.uint8)
-        Image.fromarray(image).save(folder / f"img{i:06d}.png")
-
-
-def memory_check(args, artifact: str, work: Path, cores: int) -> dict:
-    sizes = [int(s) for s in args.memory_sizes.split(",")]
-    results = []
-    with ready_ray(cores):
-        for n in sizes:
-            archive = work / f"tiny-{n}"
-            _tiny_archive(archive, n)
-            config = _job_config(args, artifact, str(archive), str(work / f"out-mem-{n}"))
-            with _PssSampler() as sampler:
-                job = ray_job(config)
-            results.append(
-                {
-                    "inputs": n,
-                    "rows": job["images"],
-                    "seconds": job["seconds"],
-                    "images_per_s": round(job["images_per_s"], 1),
-                    "peak_pss_mib": round(sampler.peak / 2**20, 1),
-                    "processes_at_peak": sampler.peak_processes,
-                }
-            )
-    growth = (
-        results[-1]["peak_pss_mib"] / results[0]["peak_pss_mib"] - 1 if len(results) > 1 else 0.0
-    )
-    return {"runs": results, "growth": round(growth, 3), "flat_within_25pct": abs(growth) <= 0.25}
-
-
 # --------------------------------------------------------------------------- entry point
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    from cxr_ray.artifact import load_card
-    from cxr_ray.errors import UsageError
-
-    cores = _cores()
+    n_cores = cores()
     default_threads = torch.get_num_threads()  # what a plain PyTorch script gets
     with tempfile.TemporaryDirectory(prefix="cxr-bench-screen-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        artifact = _artifact(args, work)
+        artifact = args.model or random_artifact(work / "model", args.arch, args.image_size)
         card = load_card(artifact)
         report: dict = {
             "suite": "screen",
             "clock": "wall: time.perf_counter; core-seconds: time.process_time",
-            "cores": cores,
+            "cores": n_cores,
             "model": {
                 "name": card.name,
                 "arch": card.arch,
@@ -539,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             "load_average_before": [round(x, 2) for x in os.getloadavg()],
         }
         if args.memory_check:
-            report["memory"] = memory_check(args, artifact, work, cores)
+            report["memory"] = memory_check(args, artifact, work, n_cores)
             report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             print(json.dumps(report, indent=2))
             return 0
@@ -549,15 +229,15 @@ def run(args: argparse.Namespace) -> int:
         manifest = _write_manifest(paths, work / "inputs.csv")
         report["inputs"] = len(paths)
 
-        decode = decode_cost(paths[: args.decode_sample], card.preprocessing)
+        decode = decode_cost(paths[: args.decode_sample], dict(card.preprocessing))
         backends = backend_costs(
             artifact, card.image_size, args.batch_size, args.backend_batches, args.precision
         )
         costs = {
             name: b["core_s_per_image"] for name, b in backends.items() if "core_s_per_image" in b
         }
-        best = min(costs, key=costs.get)
-        bound = cores / (decode["core_s_per_image"] + costs[best])
+        best = min(costs, key=costs.get)  # type: ignore[arg-type]
+        bound = n_cores / (decode["core_s_per_image"] + costs[best])
         report.update(
             decode=decode,
             backends=backends,
@@ -565,11 +245,11 @@ def run(args: argparse.Namespace) -> int:
             bound_images_per_s=bound,
         )
 
-        with ready_ray(cores):
-            report["ray_job"] = ray_job(_job_config(args, artifact, manifest, str(work / "out")))
+        with ready_ray(n_cores):
+            report["ray_job"] = ray_job(job_config(args, artifact, manifest, str(work / "out")))
         if not args.skip_baseline:
             torch.set_num_threads(default_threads)  # backend_costs pinned this process to 1 thread
-            report["baseline"] = plain_pytorch(artifact, paths, args.batch_size, cores)
+            report["baseline"] = plain_pytorch(artifact, paths, args.batch_size, n_cores)
         job_rate = report["ray_job"]["images_per_s"]
         report["ratios"] = {"ray_job_vs_bound": job_rate / bound}
         # On a shared machine the wall-clock ratio also measures the neighbours. This one does

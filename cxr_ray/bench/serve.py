@@ -23,7 +23,6 @@ small box the figures are a lower bound of what the server alone can do.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -34,10 +33,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import ray
+from PIL import Image
+from ray import serve
 
-from cxr_ray.backends.select import BACKEND_NAMES, PRECISION_NAMES
+from cxr_ray.bench.measure import random_artifact
+from cxr_ray.bench.serve_load import bench_mode
+from cxr_ray.engines.load import load_backend
+from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
+from cxr_ray.io.decode import decode_image
+from cxr_ray.models.artifact import load_card
+from cxr_ray.preprocess import preprocess
+from cxr_ray.serve.app import app_builder
+from cxr_ray.serve.config import DeploymentArgs, ServeArgs
 
 DEFAULT_CONCURRENCY = (1, 4, 16)
 APP_NAME = "cxr-ray-bench"
@@ -107,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if not concurrency or min(concurrency) < 1 or args.requests < 1:
         raise UsageError("--concurrency values and --requests must be >= 1")
-    import ray
 
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -117,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         ) if address else ray.init(include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="cxr-bench-serve-") as tmp:
-            model = args.model or _random_artifact(Path(tmp) / "model", args.arch, args.image_size)
+            model = args.model or random_artifact(Path(tmp) / "model", args.arch, args.image_size)
             image = Path(args.image).read_bytes() if args.image else synthetic_png(512)
             result = bench_serve(
                 model,
@@ -143,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
 
 def synthetic_png(size: int = 512, seed: int = 0) -> bytes:
     """A smooth 8-bit grey PNG (chest-like intensity range); content does not matter for timing."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -153,26 +162,6 @@ def synthetic_png(size: int = 512, seed: int = 0) -> bytes:
         buffer, format="PNG"
     )
     return buffer.getvalue()
-
-
-def _random_artifact(directory: Path, arch: str, image_size: int) -> str:
-    """Seeded random weights: the same version every run, so its ONNX export is cached."""
-    import torch
-
-    from cxr_ray.artifact import new_card, save_artifact
-    from cxr_ray.models import build_model
-
-    torch.manual_seed(0)
-    classes = ["covid", "normal", "pneumonia"]
-    card = new_card(
-        name=f"bench-{arch}",
-        arch=arch,
-        classes=classes,
-        image_size=image_size,
-        positive_class="covid",
-    )
-    save_artifact(directory, build_model(arch, len(classes)).eval(), card)
-    return str(directory)
 
 
 def _free_port(host: str) -> int:
@@ -186,19 +175,14 @@ def start_serve(host: str = "127.0.0.1", port: int = 0) -> int:
 
     If Serve already runs in this Ray cluster, its proxy is reused and its port returned.
     """
-    from ray import serve
 
     serve.start(http_options={"host": host, "port": port or _free_port(host)})
     try:
         from ray.serve.context import _get_global_client
 
-        return int(_get_global_client().http_config.port)
+        return int(_get_global_client().http_config.port)  # type: ignore[union-attr]
     except Exception:  # noqa: BLE001 - private API moved: the port we asked for
         return port
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 3) if values else float("nan")
 
 
 def _elapsed_ms(fn) -> float:
@@ -231,10 +215,6 @@ def local_timings(
     max_batch_size: int = 16,
 ) -> dict:
     """decode + preprocess, one-image predict and full-batch predict, in this process (medians, ms)."""
-    from cxr_ray.artifact import load_card
-    from cxr_ray.backends.select import load_backend
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.preprocess import preprocess
 
     card = load_card(model)
     config = card.preprocess_config
@@ -262,68 +242,9 @@ def local_timings(
     }
 
 
-async def _load(url: str, image: bytes, *, requests: int, concurrency: int) -> dict:
-    """``requests`` POSTs from ``concurrency`` clients: latencies, wall time, errors, batch sizes."""
-    import httpx
-
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    server_decode: list[float] = []
-    server_model: list[float] = []
-    server_total: list[float] = []
-    server_read: list[float] = []
-    errors: dict[str, int] = {}
-    remaining = iter(range(requests))
-    headers = {"Content-Type": "image/png"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-
-        async def worker() -> None:
-            for _ in remaining:
-                start = time.perf_counter()
-                try:
-                    response = await client.post(url, content=image, headers=headers)
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    continue
-                latencies.append((time.perf_counter() - start) * 1000)
-                if response.status_code != 200:
-                    key = str(response.status_code)
-                    errors[key] = errors.get(key, 0) + 1
-                    continue
-                body = response.json()
-                batch_sizes.append(body["batch_size"])
-                server_decode.append(body["timing"]["decode_ms"])
-                server_model.append(body["timing"]["model_ms"])
-                server_total.append(body["timing"]["total_ms"])
-                server_read.append(body["timing"]["read_ms"])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    ok = len(batch_sizes)
-    return {
-        "requests": requests,
-        "ok": ok,
-        "errors": errors,
-        "throughput_rps": round(ok / wall, 2) if wall > 0 else None,
-        "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95)},
-        "mean_batch_size": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
-        "server_decode_ms_p50": _percentile(server_decode, 50),
-        "server_model_ms_p50": _percentile(server_model, 50),
-        "server_total_ms_p50": _percentile(server_total, 50),
-        "server_read_ms_p50": _percentile(server_read, 50),
-    }
-
-
 def _target(model: str, *, batching: bool, backend: str, precision: str, threads: int,
             max_batch_size: int, batch_wait_s: float, topology: str = "fused"):
     """One mode as its own Serve app on ``/bench-batched`` or ``/bench-unbatched``."""
-    from ray import serve
-
-    from cxr_ray.serve.app import app_builder
-    from cxr_ray.serve.config import DeploymentArgs, ServeArgs
 
     mode = "batched" if batching else "unbatched"
     args = ServeArgs(
@@ -338,8 +259,6 @@ def _target(model: str, *, batching: bool, backend: str, precision: str, threads
 
 
 def _wait_healthy(base: str, timeout_s: float = 300) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -350,25 +269,6 @@ def _wait_healthy(base: str, timeout_s: float = 300) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"bench app at {base} not healthy after {timeout_s} s")
         time.sleep(0.5)
-
-
-def bench_mode(url: str, image: bytes, *, requests: int, concurrency: tuple[int, ...]) -> dict:
-    """Measure one deployed mode: sequential latency, then throughput per client count."""
-    asyncio.run(_load(url, image, requests=min(requests, 20), concurrency=max(concurrency)))  # warm-up
-    single = asyncio.run(_load(url, image, requests=requests, concurrency=1))
-    by_concurrency = {str(c): asyncio.run(_load(url, image, requests=requests, concurrency=c)) for c in concurrency}
-    return {
-        "single_request_latency_ms": single["latency_ms"],
-        "server_decode_ms_p50": single["server_decode_ms_p50"],
-        "server_model_ms_p50": single["server_model_ms_p50"],
-        # Ingress time (body read -> response built); latency minus this = proxy + HTTP.
-        "server_total_ms_p50": single["server_total_ms_p50"],
-        "server_read_ms_p50": single["server_read_ms_p50"],
-        "throughput_rps": {c: r["throughput_rps"] for c, r in by_concurrency.items()},
-        "latency_ms": {c: r["latency_ms"] for c, r in by_concurrency.items()},
-        "mean_batch_size": {c: r["mean_batch_size"] for c, r in by_concurrency.items()},
-        "errors": {c: r["errors"] for c, r in {"single": single, **by_concurrency}.items() if r["errors"]},
-    }
 
 
 def bench_serve(
@@ -390,11 +290,10 @@ def bench_serve(
                           max_batch_size=max_batch_size)
     wall = {"local_timings": round(time.perf_counter() - clock, 1)}
     port = start_serve("127.0.0.1", 0)
-    from ray import serve
 
     options = dict(backend=backend, precision=precision, threads=threads, max_batch_size=max_batch_size,
                    batch_wait_s=batch_wait_s, topology=topology)
-    targets = {mode: _target(model, batching=mode == "batched", **options) for mode in ("batched", "unbatched")}
+    targets = {mode: _target(model, batching=mode == "batched", **options) for mode in ("batched", "unbatched")}  # type: ignore[arg-type]
     # Both apps start together (replica start-up is most of the wall time), then are
     # measured one after the other; the idle one costs memory, not CPU.
     clock = time.perf_counter()

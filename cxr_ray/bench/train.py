@@ -2,7 +2,7 @@
 
 Both loops train the same architecture on the same images (a phantom archive
 decoded and preprocessed once, in this process) with the same optimizer, the
-same step function (:func:`cxr_ray.train.loop.train_one_epoch`: AMP +
+same step function (:func:`cxr_ray.train.steps.train_one_epoch`: AMP +
 channels_last on GPU) and the same batch size, for the same number of steps
 after the same warm-up steps:
 
@@ -33,8 +33,23 @@ import time
 from itertools import islice
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from cxr_ray.data.labelled import decode_batch
 from cxr_ray.errors import UsageError
+from cxr_ray.models.build import build_model
+from cxr_ray.models.registry import get_arch
+from cxr_ray.preprocess import PreprocessConfig
+from cxr_ray.ray_session import connect, quiet_ray_data
+from cxr_ray.synth import generate_archive
+from cxr_ray.train.steps import amp_settings, train_one_epoch
 
 
 def add_parser(subparsers) -> None:
@@ -58,8 +73,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.commands.train import connect, quiet_ray_data
-
     connect(args.address)
     quiet_ray_data()
     result = bench_train(args.arch, image_size=args.image_size, batch_size=args.batch_size, steps=args.steps,
@@ -74,9 +87,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _phantom_tensors(n: int, image_size: int) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(images (n, 1, S, S) preprocessed, labels, mean, std) of a fresh phantom archive."""
-    from cxr_ray.data.labelled import decode_batch
-    from cxr_ray.preprocess import PreprocessConfig
-    from cxr_ray.synth import generate_archive
 
     config = PreprocessConfig(image_size=image_size)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-train-") as root:
@@ -96,10 +106,6 @@ def _phantom_tensors(n: int, image_size: int) -> tuple[np.ndarray, np.ndarray, f
 
 def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[float, int]:
     """Run ``warmup`` then ``steps`` steps of train_one_epoch; (seconds, images) of the timed part."""
-    import torch
-    from torch import nn
-
-    from cxr_ray.train.loop import amp_settings, train_one_epoch
 
     amp_dtype, needs_scaler = amp_settings(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -118,10 +124,6 @@ def _timed(model, batches, device, steps: int, warmup: int, lr: float) -> tuple[
 
 def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: int, steps: int, warmup: int,
                 use_gpu: bool, threads: int) -> dict:
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from cxr_ray.models.registry import build_model
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -148,11 +150,6 @@ def _plain_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size
 
 def _ray_worker(config: dict) -> None:
     """The Ray Train side: same step function, data from this worker's Ray Data shard."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from cxr_ray.models.registry import build_model
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
@@ -183,10 +180,6 @@ def _ray_worker(config: dict) -> None:
 
 def _ray_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: int, steps: int, warmup: int,
               num_workers: int, use_gpu: bool, cpus: float) -> dict:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     dataset = ray.data.from_items(
         [{"image": images[i], "label": int(labels[i])} for i in range(len(labels))]
     ).materialize()
@@ -204,8 +197,8 @@ def _ray_loop(arch: str, images: np.ndarray, labels: np.ndarray, *, batch_size: 
         result = trainer.fit()
         wall = time.perf_counter() - started
     metrics = result.metrics
-    return {"images_per_s": round(metrics["images_per_s"], 2), "seconds": round(metrics["seconds"], 3),
-            "images": int(metrics["images"]), "fit_wall_s": round(wall, 2)}
+    return {"images_per_s": round(metrics["images_per_s"], 2), "seconds": round(metrics["seconds"], 3),  # type: ignore[index]
+            "images": int(metrics["images"]), "fit_wall_s": round(wall, 2)}  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -224,10 +217,6 @@ def bench_train(
     cpus_per_worker: float | None = None,
 ) -> dict:
     """Run both loops; returns the JSON-ready result (see the module docstring)."""
-    import ray
-    import torch
-
-    from cxr_ray.models.registry import get_arch
 
     try:
         spec = get_arch(arch)
@@ -256,11 +245,11 @@ def bench_train(
     # The plain loop runs in a Ray worker process with the resources of one Ray Train worker, so
     # both loops see the same process set-up (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES); no Ray
     # Train, no Ray Data inside it. (In the driver, OpenMP threads can behave very differently.)
-    plain = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(_plain_loop)
+    plain = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(_plain_loop)  # type: ignore[arg-type]
     x_ref, y_ref = ray.put(x), ray.put(y)
-    plain_before = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))
+    plain_before = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))  # type: ignore[call-arg]
     ray_train = _ray_loop(arch, x, y, num_workers=num_workers, use_gpu=use_gpu, cpus=cpus, **common)
-    plain_after = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))
+    plain_after = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))  # type: ignore[call-arg]
     plain_rate = (plain_before["images_per_s"] + plain_after["images_per_s"]) / 2
     return {
         "bench": "train",

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from cxr_ray.commands.options import add_shared
+
 STAGES = 6
 
 
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="training/screening input size (default 64)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port for the Serve query (default: a free one)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    add_shared(parser, "address", address="Ray cluster address (default: a fresh local Ray)")
 
 
 def _stage(number: int, text: str) -> float:
@@ -78,11 +80,12 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import ray
 
-    from cxr_ray.export.onnx import export_onnx
-    from cxr_ray.screen.job import ScreenConfig, run_screen
+    from cxr_ray.engines.onnxruntime.build import export_onnx
+    from cxr_ray.screen.config import ScreenConfig
+    from cxr_ray.screen.job import run_screen
     from cxr_ray.synth import generate_archive
     from cxr_ray.train.config import TrainConfig
-    from cxr_ray.train.runner import train
+    from cxr_ray.train.protocols import train
 
     # Ray's own processes print to this process's stdout (e.g. at Serve shutdown): send
     # everything to stderr while the demo runs, so stdout carries only the final JSON.
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = _stage(1, f"synth: {args.n} phantom chest X-rays (DICOM/PNG/JPEG, 5% corrupt) -> {archive}")
     labels = generate_archive(
-        archive, n=args.n, formats="dcm,png,jpg", classes="covid,pneumonia,normal",
+        str(archive), n=args.n, formats="dcm,png,jpg", classes="covid,pneumonia,normal",
         corrupt_fraction=0.05, seed=0, size=256, overwrite=True,
     )
     _done(t, f"{len(labels)} files, {int(labels['corrupt'].sum())} corrupt")

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from cxr_ray.commands.options import add_shared
+from cxr_ray.ray_session import connect, quiet_ray_data
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,7 +24,7 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="ARTIFACT", help="model artifact directory (local or s3://)")
+    add_shared(parser, "model")
     parser.add_argument("--data", required=True, metavar="LABELS_OR_DIR",
                         help="folder tree root/<class>/<image> or a .csv/.parquet manifest path,label[,patient_id]")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (local or s3://)")
@@ -29,13 +32,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--use-gpu", action="store_true", help="predict on a GPU")
-    parser.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
-    parser.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")
+    add_shared(parser, "s3_endpoint", "address")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.commands.train import connect, quiet_ray_data
-    from cxr_ray.train.evaluation import evaluate_artifact
+    from cxr_ray.train.evaluation import evaluate_artifact  # the surface: loaded when the verb runs
 
     connect(args.address)
     quiet_ray_data()

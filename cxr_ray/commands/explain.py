@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from cxr_ray.commands.options import add_shared
 from cxr_ray.errors import UsageError
 
 
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_URI", help="file, directory, glob, s3:// URI or manifest")
-    parser.add_argument("--model", required=True, metavar="ARTIFACT", help="model artifact directory (local or s3://)")
+    add_shared(parser, "model")
     parser.add_argument(
         "--method",
         choices=("gradcam", "lrp"),
@@ -72,16 +73,11 @@ def add_parser(subparsers) -> None:
         help="with --evaluate-localisation: pointing-game tolerance as a fraction of the "
         "image's shorter side (default 0.02)",
     )
-    parser.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        default=None,
-        help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)",
-    )
+    add_shared(parser, "s3_endpoint")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_ray.artifact import load_model
+    from cxr_ray.models.artifact import load_model
 
     if args.layer and not args.method:
         raise UsageError("explain: --layer needs --method (the layer belongs to one method)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cxr_ray.commands.options import add_shared
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -26,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="ARTIFACT", help="local model artifact directory")
+    add_shared(parser, "model", model="local model artifact directory")
     parser.add_argument("--format", required=True, choices=("onnx", "tensorrt"), dest="format")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, parsed by TensorRT 10)")
     parser.add_argument(
@@ -48,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the numerical check against PyTorch")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="ONNX exporter (dynamo needs onnxscript)")
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint for an s3:// calibration manifest")
+    add_shared(parser, "s3_endpoint", s3_endpoint="S3 endpoint for an s3:// calibration manifest")
     return parser
 
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from cxr_ray.errors import UsageError
 
     if args.format == "onnx":
-        from cxr_ray.export.onnx import DEFAULT_ATOL, export_onnx
+        from cxr_ray.engines.onnxruntime.build import DEFAULT_ATOL, export_onnx
 
         result = export_onnx(
             args.model,
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.calibration is not None and args.precision != "int8":
             raise UsageError("--calibration is only used with --precision int8")
-        from cxr_ray.export.tensorrt import export_tensorrt
+        from cxr_ray.engines.tensorrt.build import export_tensorrt
 
         result = export_tensorrt(
             args.model,

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from cxr_ray.commands.options import add_shared
 from cxr_ray.io.pseudonym import key_from_env
 
 
@@ -31,18 +32,9 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="JSON lines output; this is the only format, the flag is accepted for uniform scripts",
     )
-    parser.add_argument(
-        "--pseudonym-key-env",
-        metavar="VAR",
-        help="environment variable holding the HMAC key for patient/study/instance pseudonyms "
-        "(without it the pseudonym fields are null)",
-    )
-    parser.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        default=None,
-        help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)",
-    )
+    add_shared(parser, "pseudonym_key_env", pseudonym_key_env="environment variable holding the HMAC key for "
+               "patient/study/instance pseudonyms (without it the pseudonym fields are null)")
+    add_shared(parser, "s3_endpoint")
 
 
 def run(args: argparse.Namespace) -> int:

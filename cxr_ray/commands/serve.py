@@ -13,7 +13,8 @@ import os
 import signal
 import time
 
-from cxr_ray.backends.select import BACKEND_NAMES, PRECISION_NAMES
+from cxr_ray.commands.options import add_shared
+from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
 
 APP_NAME = "cxr-ray"
@@ -28,7 +29,7 @@ def add_parser(subparsers) -> None:
             "GET /v1/model, GET /healthz, OpenAPI at /docs. Runs until Ctrl-C."
         ),
     )
-    parser.add_argument("--model", required=True, help="model artifact directory (local path or s3://)")
+    add_shared(parser, "model")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument(
@@ -57,11 +58,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (fixed; default 1)")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (default 0)")
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL for s3:// artifacts (e.g. MinIO)")
-    parser.add_argument(
-        "--address", default=None,
-        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for this command)",
-    )
+    add_shared(parser, "s3_endpoint", "address",
+               address="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for this command)")
 
 
 def build_args(args: argparse.Namespace):
@@ -121,7 +119,7 @@ def curl_examples(url: str, api_key_env: str | None = None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     serve_args = build_args(args)
-    from cxr_ray.artifact import load_card
+    from cxr_ray.models.artifact import load_card
 
     load_card(serve_args.model, serve_args.s3_endpoint)  # fail here, not in a replica, on a bad path
 

@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from cxr_ray.commands.options import add_shared
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -44,12 +46,7 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="replace a previous synth output in OUT_DIR (other files there are never touched)",
     )
-    parser.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        default=None,
-        help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)",
-    )
+    add_shared(parser, "s3_endpoint")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ Two layouts are accepted, local or on s3://:
 
 :func:`decode_batch` is the per-batch function the training pipeline maps
 over the table (Ray Data ``map_batches`` in :mod:`cxr_ray.train.ingest`): it
-reads the bytes, hashes them (duplicate detection, data fingerprint), decodes
-through :func:`cxr_ray.io.decode.decode_image` and applies the one
+reads, hashes (duplicate detection, data fingerprint) and decodes each file
+through :func:`cxr_ray.io.inputs.load_input` and applies the one
 :func:`cxr_ray.preprocess.preprocess`, so a training tensor is exactly what
 screening and serving feed the same model. Undecodable files are returned
 with ``status="error"`` and their decode error code, never raised.
@@ -22,7 +22,6 @@ Plain Python: no Ray here.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -31,6 +30,9 @@ import numpy as np
 import pandas as pd
 
 from cxr_ray.errors import DecodeError, UsageError
+from cxr_ray.io.inputs import InputPolicy, load_input
+from cxr_ray.io.pseudonym import key_from_env
+from cxr_ray.io.storage import InputNotFoundError, expand_inputs, get_filesystem, is_remote
 from cxr_ray.preprocess import PreprocessConfig, preprocess
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -91,8 +93,6 @@ def read_labelled(spec: str, *, s3_endpoint: str | None = None, classes: list[st
 
 
 def _read_folders(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dict]:
-    from cxr_ray.io.storage import expand_inputs, is_remote
-
     root = spec.rstrip("/") if is_remote(spec) else os.path.abspath(os.path.expanduser(spec))
     rows, outside = [], 0
     for uri in expand_inputs(spec, s3_endpoint=s3_endpoint):
@@ -105,7 +105,7 @@ def _read_folders(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dic
     frame = pd.DataFrame(rows, columns=["path", "label", "patient_id"])
     report = {"source": spec}
     if outside:
-        report["files_outside_class_folders"] = outside
+        report["files_outside_class_folders"] = outside  # type: ignore[assignment]
     if frame.empty:
         raise UsageError(
             f"{spec}: no files in class sub-folders; expected root/<class>/<image> or a .csv/.parquet manifest"
@@ -114,8 +114,6 @@ def _read_folders(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dic
 
 
 def _read_manifest(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dict]:
-    from cxr_ray.io.storage import InputNotFoundError, get_filesystem, is_remote
-
     fs, path = get_filesystem(spec, s3_endpoint)
     try:
         with fs.open(path, "rb") as handle:
@@ -173,12 +171,7 @@ def grouping_key(env_name: str | None = None) -> bytes:
     ``cxr-ray screen --pseudonym-key-env``), else a fixed internal key: the
     pseudonyms only group rows in memory and are never written out.
     """
-    if not env_name:
-        return _GROUPING_KEY
-    value = os.environ.get(env_name)
-    if not value:
-        raise UsageError(f"--pseudonym-key-env {env_name}: that environment variable is unset or empty")
-    return value.encode("utf-8")
+    return key_from_env(env_name) or _GROUPING_KEY
 
 
 def decode_batch(
@@ -194,32 +187,24 @@ def decode_batch(
     ``error_code``, ``patient_pseudonym``, ``view`` and ``image`` (float32
     (n, 1, S, S); zeros where ``status`` is "error").
     """
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.io.storage import read_bytes
-
     config = PreprocessConfig.from_dict(preprocessing)
     size = config.image_size
+    policy = InputPolicy(target_size=size, pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint, sha256=True)
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, 1, size, size), dtype=np.float32)
     sha, status, code, pseudonym, view = ([""] * n for _ in range(5))
     for i, path in enumerate(paths):
-        name = path.rsplit("/", 1)[-1]
         try:
-            data = read_bytes(path, s3_endpoint=s3_endpoint)
-        except OSError:  # missing, unreadable, network failure
-            status[i], code[i] = "error", "read_failed"
-            continue
-        sha[i] = hashlib.sha256(data).hexdigest()
-        try:
-            decoded = decode_image(data, name, pseudonym_key=pseudonym_key, target_size=size)
-        except DecodeError as exc:
+            loaded = load_input(path, policy)
+        except DecodeError as exc:  # unreadable (read_failed), too large or undecodable
             status[i], code[i] = "error", exc.code
             continue
-        images[i] = preprocess(decoded.pixels, config)
+        sha[i] = loaded.sha256 or ""
+        images[i] = preprocess(loaded.image.pixels, config)
         status[i] = "ok"
-        pseudonym[i] = decoded.meta.patient_pseudonym or ""
-        view[i] = decoded.meta.view_position or ""
+        pseudonym[i] = loaded.image.meta.patient_pseudonym or ""
+        view[i] = loaded.image.meta.view_position or ""
     return {
         "row_id": np.asarray(batch["row_id"], dtype=np.int64),
         "label": np.asarray(batch["label"], dtype=np.int64),

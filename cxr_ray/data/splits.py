@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,7 @@ def patient_groups(frame: pd.DataFrame) -> tuple[pd.Series, dict]:
         "files_without_patient_id": without,
     }
     if without:
-        report["note"] = NO_PATIENT_NOTE
+        report["note"] = NO_PATIENT_NOTE  # type: ignore[assignment]
     return groups, report
 
 
@@ -93,8 +94,8 @@ def _one_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, 
 
 def carve(labels: Sequence[int], groups: Sequence[str], fraction: float, seed: int, what: str = "held-out") -> np.ndarray:
     """Mask of about ``fraction`` of the rows, whole groups only, stratified by label."""
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    return _one_fold(labels, groups, _n_splits_for(fraction, what), seed, what)
+    labels, groups = np.asarray(labels), np.asarray(groups)  # type: ignore[assignment]
+    return _one_fold(labels, groups, _n_splits_for(fraction, what), seed, what)  # type: ignore[arg-type]
 
 
 def train_val_test_split(
@@ -164,7 +165,7 @@ def deduplicate(frame: pd.DataFrame, split_column: str, priority: Sequence) -> t
     if missing:
         raise ValueError(f"splits {sorted(missing)} have no priority (given {list(priority)})")
     dup = frame[frame.duplicated("sha256", keep=False)]
-    report = {
+    report: dict[str, Any] = {
         "duplicate_sets": 0,
         "files_in_duplicate_sets": int(len(dup)),
         "across_splits": 0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -114,32 +115,12 @@ def classification_report(
     pred = probs.argmax(axis=1)
 
     cm = confusion_matrix(y, pred, labels=labels)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=np.nan
-    )
-    tp = np.diag(cm).astype(float)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    tn = n - tp - fp - fn
-    aucs = [_safe_auc(y == i, probs[:, i]) for i in range(k)]
+    per_class, aucs = _per_class(y, pred, probs, cm, classes)
     defined = [a for a in aucs if a is not None]
     with warnings.catch_warnings():
         # "y_pred contains classes not in y_true": those classes are ignored, as intended
         warnings.simplefilter("ignore", UserWarning)
         balanced = balanced_accuracy_score(y, pred)
-
-    per_class = {
-        name: {
-            "sensitivity": _num(recall[i]) if support[i] else None,
-            "specificity": _ratio(tn[i], tn[i] + fp[i]),
-            "ppv": _num(precision[i]),
-            "npv": _ratio(tn[i], tn[i] + fn[i]),
-            "f1": _num(f1[i]),
-            "auc": aucs[i],
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(classes)
-    }
     report: dict = {
         "n": int(n),
         "classes": classes,
@@ -172,6 +153,33 @@ def classification_report(
             "units": int(n if codes is None else codes.max() + 1),
         }
     return report
+
+
+def _per_class(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, cm: np.ndarray, classes: list[str]
+               ) -> tuple[dict[str, dict[str, Any]], list[float | None]]:
+    """Sensitivity, specificity, PPV, NPV, F1, one-vs-rest AUC and support per class; and the AUCs."""
+    n, k = probs.shape
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=np.arange(k), zero_division=np.nan
+    )
+    tp = np.diag(cm).astype(float)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    tn = n - tp - fp - fn
+    aucs = [_safe_auc(y == i, probs[:, i]) for i in range(k)]
+    per_class = {
+        name: {
+            "sensitivity": _num(recall[i]) if support[i] else None,
+            "specificity": _ratio(tn[i], tn[i] + fp[i]),
+            "ppv": _num(precision[i]),
+            "npv": _ratio(tn[i], tn[i] + fn[i]),
+            "f1": _num(f1[i]),
+            "auc": aucs[i],
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    }
+    return per_class, aucs
 
 
 def _binary_report(positive: np.ndarray, score: np.ndarray, threshold: float, name: str) -> dict:

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
+
+from cxr_ray.io.storage import is_remote, open_output
 
 DPI = 110
 
@@ -30,7 +33,6 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
     fig.savefig(buffer, format="png")
     data = buffer.getvalue()
     path = os.fspath(path)
-    from cxr_ray.io.storage import is_remote, open_output
 
     if is_remote(path):
         with open_output(path, "wb") as handle:
@@ -45,7 +47,6 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> str:
     """One-vs-rest ROC curve per class (classes absent from ``y_true`` are listed, not drawn)."""
-    from sklearn.metrics import auc, roc_curve
 
     y = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)

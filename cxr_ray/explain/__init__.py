@@ -3,12 +3,12 @@
 Entry points:
 
 * :func:`explain` / :class:`Explainer` -- one heatmap per image, at its original size;
-* :func:`explain_to_png_bytes` -- overlay PNG bytes (screening's flagged rows, HTTP base64);
 * :func:`overlay_png_bytes` / :func:`save_overlay` -- draw a heatmap on the X-ray;
 * :func:`heatmap_grid` -- one PNG of sample images per class for training reports;
 * :func:`localisation_report` -- energy ratio and pointing game against lesion masks.
 """
 
+from cxr_ray.explain.grid import heatmap_grid
 from cxr_ray.explain.localisation import (
     energy_ratio,
     localisation_report,
@@ -22,10 +22,9 @@ from cxr_ray.explain.methods import (
     UnsupportedExplanationError,
     check_supported,
     explain,
-    explain_to_png_bytes,
     supported_pairs,
 )
-from cxr_ray.explain.overlay import heatmap_grid, overlay_png_bytes, overlay_rgb, save_overlay
+from cxr_ray.explain.overlay import overlay_png_bytes, overlay_rgb, save_overlay
 
 __all__ = [
     "METHODS",
@@ -35,7 +34,6 @@ __all__ = [
     "check_supported",
     "energy_ratio",
     "explain",
-    "explain_to_png_bytes",
     "heatmap_grid",
     "localisation_report",
     "localisation_scores",

@@ -11,11 +11,11 @@ import numpy as np
 from cxr_ray.errors import DecodeError, UsageError
 from cxr_ray.explain.methods import Explainer
 from cxr_ray.explain.overlay import DEFAULT_ALPHA, overlay_png_bytes
+from cxr_ray.io.inputs import InputPolicy, expand_reporting, load_input
+from cxr_ray.io.storage import join, open_output
 
 
 def _write(uri: str, data: bytes, s3_endpoint: str | None) -> None:
-    from cxr_ray.io.storage import open_output
-
     with open_output(uri, "wb", s3_endpoint=s3_endpoint) as handle:
         handle.write(data)
 
@@ -57,60 +57,37 @@ def explain_inputs(
     Yields ``{path, status: ok, method, class, score, predicted_label, rows, cols, files}`` or
     ``{path, status: error, error_code, error}``; a bad input never stops the run.
     """
-    from cxr_ray.inspect import max_file_bytes
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.io.storage import expand_inputs, join, read_bytes
-    from cxr_ray.io.types import DecodePolicy
-
     explainer = Explainer(model, card, method, layer=layer)
     if isinstance(target, str) and target not in card.classes:
         raise UsageError(f"--class {target!r} is not one of the model's classes: {', '.join(card.classes)}")
-    policy = DecodePolicy()
+    reading = InputPolicy(s3_endpoint=s3_endpoint)  # the stored size: overlays match the original image
     names = _Names()
-    for spec in inputs:
-        found = False
-        try:
-            for uri in expand_inputs(spec, s3_endpoint=s3_endpoint):
-                found = True
-                name = posixpath.basename(str(uri).rstrip("/")) or str(uri)
-                try:
-                    data = read_bytes(uri, s3_endpoint=s3_endpoint, max_bytes=max_file_bytes(policy))
-                    pixels = decode_image(data, name, policy=policy).pixels
-                except DecodeError as exc:
-                    yield _error(uri, exc)
-                    continue
-                except Exception as exc:  # unreadable: reported per file, like screening
-                    yield _error(uri, DecodeError("read_failed", _reason(name, exc)))
-                    continue
-                result = explainer.explain(pixels, target)
-                stem = f"{names(uri)}.{method}"
-                png_uri, npy_uri = join(out_dir, stem + ".png"), join(out_dir, stem + ".npy")
-                _write(png_uri, overlay_png_bytes(pixels, result.heatmap, alpha=alpha), s3_endpoint)
-                _write(npy_uri, npy_bytes(result.heatmap), s3_endpoint)
-                yield {
-                    "path": uri,
-                    "status": "ok",
-                    "method": method,
-                    "layer": result.layer,
-                    "class": result.target_class,
-                    "score": result.score,
-                    "predicted_label": max(result.probabilities, key=result.probabilities.get),
-                    "rows": int(pixels.shape[0]),
-                    "cols": int(pixels.shape[1]),
-                    "files": {"overlay": png_uri, "heatmap": npy_uri},
-                }
-        except Exception as exc:  # missing input, bad glob, unreachable bucket: report, go on
-            yield _error(str(spec), DecodeError("read_failed", _reason(spec, exc)))
+    for uri, listing_failure in expand_reporting(inputs, s3_endpoint):
+        if listing_failure is not None:
+            yield _error(uri, listing_failure)
             continue
-        if not found:
-            yield _error(str(spec), DecodeError("read_failed", f"{spec}: matched no files"))
-
-
-def _reason(name: object, exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{name}: cannot be read ({exc.strerror})"
-    detail = str(exc)
-    return f"{name}: cannot be read ({type(exc).__name__}{': ' + detail if detail else ''})"
+        try:
+            pixels = load_input(uri, reading).image.pixels
+        except DecodeError as exc:  # unreadable or undecodable: reported per file, like screening
+            yield _error(uri, exc)
+            continue
+        result = explainer.explain(pixels, target)
+        stem = f"{names(uri)}.{method}"
+        png_uri, npy_uri = join(out_dir, stem + ".png"), join(out_dir, stem + ".npy")
+        _write(png_uri, overlay_png_bytes(pixels, result.heatmap, alpha=alpha), s3_endpoint)
+        _write(npy_uri, npy_bytes(result.heatmap), s3_endpoint)
+        yield {
+            "path": uri,
+            "status": "ok",
+            "method": method,
+            "layer": result.layer,
+            "class": result.target_class,
+            "score": result.score,
+            "predicted_label": max(result.probabilities, key=result.probabilities.get),  # type: ignore[arg-type]
+            "rows": int(pixels.shape[0]),
+            "cols": int(pixels.shape[1]),
+            "files": {"overlay": png_uri, "heatmap": npy_uri},
+        }
 
 
 def _error(path: str, error: DecodeError) -> dict:

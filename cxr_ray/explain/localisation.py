@@ -22,10 +22,19 @@ backprop", 2016)
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import ndimage
+
+from cxr_ray.errors import DecodeError
+from cxr_ray.explain.methods import METHODS, Explainer, supported_pairs
+from cxr_ray.io.inputs import InputPolicy, load_input
+from cxr_ray.io.storage import get_filesystem, read_bytes
 
 DEFAULT_TOLERANCE = 0.04
 
@@ -36,8 +45,6 @@ def _as_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         mask = mask[..., 0]
     mask = mask > (127 if mask.dtype == np.uint8 else 0.5)
     if mask.shape != shape:
-        from PIL import Image
-
         resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
             (shape[1], shape[0]), Image.Resampling.NEAREST
         )
@@ -61,7 +68,6 @@ def energy_ratio(heatmap: np.ndarray, mask: np.ndarray) -> float:
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= 0:
         return mask
-    from scipy import ndimage
 
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return ndimage.binary_dilation(mask, structure=(yy**2 + xx**2) <= radius**2)
@@ -109,11 +115,6 @@ def summarise(
 
 
 def _read_png_mask(uri: str, s3_endpoint: str | None) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    from cxr_ray.io.storage import read_bytes
 
     with Image.open(io.BytesIO(read_bytes(uri, s3_endpoint=s3_endpoint))) as image:
         return np.asarray(image.convert("L")) > 127
@@ -131,12 +132,6 @@ def lesion_samples(
     Corrupt rows and rows without a mask (normal images) are skipped;
     ``classes`` keeps only those labels, ``limit`` caps the count per label.
     """
-    import pandas as pd
-
-    from cxr_ray.errors import DecodeError
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.io.storage import get_filesystem, read_bytes
-
     fs, csv_path = get_filesystem(labels_csv, s3_endpoint)
     with fs.open(csv_path, "rb") as handle:
         table = pd.read_csv(handle, dtype={"mask_path": str}, keep_default_na=False)
@@ -145,6 +140,7 @@ def lesion_samples(
     def resolve(entry: str) -> str:
         return entry if "://" in entry or os.path.isabs(entry) else f"{base}/{entry}"
 
+    reading = InputPolicy(s3_endpoint=s3_endpoint)  # the stored size: masks are drawn at it
     samples: list[dict] = []
     counts: dict[str, int] = {}
     for row in table.itertuples(index=False):
@@ -156,7 +152,7 @@ def lesion_samples(
         if limit is not None and counts.get(label, 0) >= limit:
             continue
         try:
-            pixels = decode_image(read_bytes(resolve(row.path), s3_endpoint), str(row.path)).pixels
+            pixels = load_input(resolve(row.path), reading, name=str(row.path)).image.pixels
         except DecodeError:
             continue
         mask = _as_mask(_read_png_mask(resolve(mask_path), s3_endpoint), pixels.shape)
@@ -208,7 +204,6 @@ def localisation_report(
     else every class that has masks. Each class's heatmaps explain that class
     on that class's own images.
     """
-    from cxr_ray.explain.methods import METHODS, Explainer, supported_pairs
 
     methods = list(methods or [m for m in METHODS if (card.arch, m) in supported_pairs()])
     wanted = list(classes) if classes else None

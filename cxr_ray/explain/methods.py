@@ -64,42 +64,22 @@ by its maximum (all zeros when there is no positive evidence at all).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from captum.attr import LayerAttribution, LayerGradCam, LayerLRP
+from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
 from torch import nn
 
 from cxr_ray.errors import UsageError
+from cxr_ray.explain.captum_models import attach_lrp_rules, explainable_copy
+from cxr_ray.models.build import get_submodule
+from cxr_ray.models.card import ModelCard
+from cxr_ray.models.registry import EXPLAIN_METHODS, get_arch, list_archs
 from cxr_ray.preprocess import preprocess
 
-METHODS = ("gradcam", "lrp")
-LRP_EPSILON = 1e-9  # Captum's default: plain LRP-epsilon (larger values erased the faint covid haze)
-
-# Architectures whose every operation Captum's LRP can take a rule for, once the
-# functional bits of torchvision's forward are turned into modules (explainable_copy).
-_LRP_ARCHS = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet50", "vgg19")
-
-# Where LRP is read when not at the first convolution (see the module docstring).
-_LRP_READOUT = {
-    "densenet121": "features.transition2.pool",
-    "densenet169": "features.transition2.pool",
-    "densenet201": "features.transition2.pool",
-    "vgg19": "features.18",  # block-3 max pool, stride 8
-}
-
-# Why the other registered architectures have no LRP: said in the error.
-_LRP_UNSUPPORTED_WHY = {
-    "mobilenet_v2": "ReLU6 activations have no Captum LRP rule and the inverted-residual "
-    "additions are functional",
-    "inception_v3": "its Inception blocks pool with functional F.max_pool2d / F.avg_pool2d, "
-    "which Captum's LRP cannot attach a rule to",
-    "xception": "timm's separable convolutions and functional residual additions have no "
-    "Captum LRP rule",
-    "inception_resnet_v2": "timm's scaled residual additions (x * scale + branch) are "
-    "functional and have no Captum LRP rule",
-}
+METHODS = EXPLAIN_METHODS
 
 
 class UnsupportedExplanationError(UsageError, ValueError):
@@ -128,12 +108,15 @@ class Explanation:
 
 
 def supported_pairs() -> list[tuple[str, str]]:
-    """Every (architecture, method) pair :func:`explain` accepts."""
-    from cxr_ray.models.registry import list_archs
-
+    """Every (architecture, method) pair :func:`explain` accepts (read off the registry)."""
     pairs = [(arch, "gradcam") for arch in list_archs()]
-    pairs += [(arch, "lrp") for arch in list_archs() if arch in _LRP_ARCHS]
+    pairs += [(arch, "lrp") for arch in list_archs() if get_arch(arch).supports_lrp]
     return sorted(pairs)
+
+
+def archs_with(method: str) -> list[str]:
+    """The architectures ``method`` supports, e.g. for ``--help`` text."""
+    return [arch for arch, m in supported_pairs() if m == method]
 
 
 def check_supported(arch: str, method: str) -> None:
@@ -145,7 +128,10 @@ def check_supported(arch: str, method: str) -> None:
         )
     if (arch, method) in supported_pairs():
         return
-    why = _LRP_UNSUPPORTED_WHY.get(arch, "not an architecture this module knows")
+    try:
+        why = get_arch(arch).lrp_unsupported or "not supported"
+    except ValueError:
+        why = "not an architecture this module knows"
     raise UnsupportedExplanationError(
         f"{method} is not supported for architecture {arch!r} ({why}); supported pairs: {listed}"
     )
@@ -154,134 +140,11 @@ def check_supported(arch: str, method: str) -> None:
 def default_layer(arch: str, method: str) -> str:
     """Where ``method`` reads its map by default: the registry's Grad-CAM layer; for LRP the
     first convolution, or DenseNet's ``features.transition2.pool`` / VGG-19's ``features.18``
-    (see the module docstring)."""
-    from cxr_ray.models.registry import get_arch
-
+    (see the module docstring; the layers are the registry's)."""
     spec = get_arch(arch)
     if method == "gradcam":
         return spec.gradcam_layer
-    return _LRP_READOUT.get(arch, spec.first_conv)
-
-
-# --------------------------------------------------------------------------- model copies
-
-
-def _no_inplace(net: nn.Module) -> nn.Module:
-    for module in net.modules():
-        if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False
-    return net
-
-
-class _ModularDenseNet(nn.Module):
-    """torchvision DenseNet whose forward uses modules only (same parameters, same output).
-
-    torchvision's ``DenseNet.forward`` ends with ``F.relu(..., inplace=True)`` and
-    ``F.adaptive_avg_pool2d``: the first overwrites the Grad-CAM layer's output
-    (``features.norm5``) under Captum's hook, the second hides the pooling from
-    LRP, which then spreads relevance evenly instead of in proportion to the
-    activations. The dense blocks' ``torch.cat`` needs nothing: concatenation
-    is an identity on every element, and its gradient splits relevance exactly.
-    """
-
-    def __init__(self, densenet: nn.Module) -> None:
-        super().__init__()
-        self.features = densenet.features
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = densenet.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pool(self.relu(self.features(x)))
-        return self.classifier(torch.flatten(out, 1))
-
-
-def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    return fuse_conv_bn_eval(conv.eval(), bn.eval())
-
-
-class _LRPResidualBlock(nn.Module):
-    """A torchvision ResNet ``Bottleneck`` or ``BasicBlock`` for LRP: batch norms folded into
-    the convolutions (exactly the same function in eval mode), one ReLU module per use, and
-    the residual sum as Captum's ``Addition_Module`` so relevance splits in proportion to
-    each branch."""
-
-    def __init__(self, block: nn.Module) -> None:
-        from captum.attr._utils.custom_modules import Addition_Module
-
-        super().__init__()
-        depth = 3 if hasattr(block, "conv3") else 2
-        layers: list[nn.Module] = []
-        for i in range(1, depth + 1):
-            layers.append(_fuse(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")))
-            if i < depth:
-                layers.append(nn.ReLU())
-        self.branch = nn.Sequential(*layers)
-        self.downsample = (
-            _fuse(block.downsample[0], block.downsample[1]) if block.downsample is not None else None
-        )
-        self.add = Addition_Module()
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.add(self.branch(x), identity))
-
-
-class _LRPResNet(nn.Module):
-    def __init__(self, resnet: nn.Module) -> None:
-        super().__init__()
-        self.conv1 = _fuse(resnet.conv1, resnet.bn1)
-        self.relu = nn.ReLU()
-        self.maxpool = resnet.maxpool
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, nn.Sequential(*(_LRPResidualBlock(b) for b in getattr(resnet, name))))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = resnet.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def explainable_copy(model: nn.Module, arch: str, method: str) -> nn.Module:
-    """A deep copy of ``model`` Captum can hook: eval mode, no in-place ops, frozen weights.
-
-    Same function as ``model`` (tests check the logits): only the module structure
-    changes, where Captum needs it.
-    """
-    with torch.inference_mode(False):  # a copy made under inference_mode could not be differentiated
-        net = _no_inplace(copy.deepcopy(model)).eval()
-        if arch.startswith("densenet"):
-            net = _ModularDenseNet(net)  # its functional in-place ReLU breaks Grad-CAM too
-        elif method == "lrp" and arch.startswith("resnet"):
-            net = _LRPResNet(net)
-        for param in net.parameters():
-            param.requires_grad_(False)
-    return net.eval()
-
-
-# --------------------------------------------------------------------------- LRP rules
-
-
-def _leaf_layers(net: nn.Module) -> list[nn.Module]:
-    return [m for m in net.modules() if len(list(m.children())) == 0]
-
-
-def _attach_lrp_rules(net: nn.Module, epsilon: float = LRP_EPSILON) -> None:
-    """LRP-epsilon on every convolution, batch norm, dense and pooling layer.
-
-    Captum removes every ``rule`` attribute after each ``attribute`` call, so this
-    runs before each one.
-    """
-    from captum.attr._utils.lrp_rules import EpsilonRule
-
-    for layer in _leaf_layers(net):
-        if isinstance(layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-            layer.rule = EpsilonRule(epsilon=epsilon)
+    return spec.lrp_readout or spec.first_conv
 
 
 # --------------------------------------------------------------------------- explainer
@@ -302,9 +165,7 @@ class Explainer:
     Explainer per thread.
     """
 
-    def __init__(self, model: nn.Module, card, method: str = "gradcam", *, layer: str | None = None) -> None:
-        from cxr_ray.models.registry import get_submodule
-
+    def __init__(self, model: nn.Module, card: ModelCard, method: str = "gradcam", *, layer: str | None = None) -> None:
         check_supported(card.arch, method)
         self.card = card
         self.method = method
@@ -322,8 +183,6 @@ class Explainer:
         if method == "lrp" and next(self._layer_module.children(), None) is not None:
             # Captum's LayerLRP reads relevance off the propagation rule of ONE layer; a container
             # (a ResNet stage, a dense block) has none and Captum fails with an AttributeError.
-            from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
-
             ruled = tuple(SUPPORTED_LAYERS_WITH_RULES)
             leaves = [f"{self.layer}.{n}" for n, m in self._layer_module.named_modules() if n and isinstance(m, ruled)]
             raise UnknownLayerError(
@@ -361,8 +220,6 @@ class Explainer:
                 probs = torch.softmax(self.net(x), dim=1)[0].double().cpu().numpy()
             index = self.resolve_target(target, probs)
             raw = self._gradcam(x, index) if self.method == "gradcam" else self._lrp(x, index)
-            from captum.attr import LayerAttribution
-
             heat = LayerAttribution.interpolate(raw.detach().float(), (height, width), "bilinear")
         classes = self.card.classes
         return Explanation(
@@ -376,48 +233,17 @@ class Explainer:
         )
 
     def _gradcam(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        from captum.attr import LayerGradCam
-
         return LayerGradCam(self.net, self._layer_module).attribute(x, target=index, relu_attributions=True)
 
     def _lrp(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        from captum.attr import LayerLRP
-
-        _attach_lrp_rules(self.net)
+        attach_lrp_rules(self.net)
         relevance = LayerLRP(self.net, self._layer_module).attribute(x, target=index)
         return relevance.sum(dim=1, keepdim=True)  # relevance per position, over the channels
 
 
-def explain_to_png_bytes(
-    model: nn.Module,
-    card,
-    pixels: np.ndarray,
-    *,
-    method: str = "gradcam",
-    target: str | int | None = None,
-    alpha: float = 0.5,
-    layer: str | None = None,
-    explainer: Explainer | None = None,
-) -> bytes:
-    """The heatmap overlay as PNG bytes at the original size (screening's flagged rows).
-
-    Pass ``explainer`` (built once for ``model``/``card``/``method``) when
-    explaining many images, to avoid a model copy per image.
-    """
-    from cxr_ray.explain.overlay import overlay_png_bytes
-
-    if explainer is None:
-        explainer = Explainer(model, card, method, layer=layer)
-    elif explainer.method != method or explainer.card.arch != card.arch:
-        raise ValueError(
-            f"explainer is for {explainer.card.arch}/{explainer.method}, asked for {card.arch}/{method}"
-        )
-    return overlay_png_bytes(pixels, explainer.explain(pixels, target).heatmap, alpha=alpha)
-
-
 def explain(
     model: nn.Module,
-    card,
+    card: ModelCard,
     pixels: np.ndarray,
     *,
     method: str = "gradcam",

@@ -24,33 +24,33 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cxr_ray.errors import DecodeError
+from cxr_ray.explain.localisation import localisation_report
+from cxr_ray.explain.methods import default_layer
+from cxr_ray.io.inputs import InputPolicy, load_input
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import new_card
+from cxr_ray.models.registry import get_arch
+from cxr_ray.preprocess import preprocess
+from cxr_ray.synth import generate_archive
 
 PHANTOM_CLASSES = ("covid", "normal", "pneumonia")
 
-# The last stride-16 feature map per architecture: Grad-CAM there has 6 x 6 cells at
-# 96 px where the registry's stride-32 layer has 3 x 3 (VGG-19's registry layer is
-# already stride 16). Scored next to the registry layer, not instead of it.
-FINER_GRADCAM_LAYER = {
-    "densenet121": "features.denseblock3",
-    "densenet169": "features.denseblock3",
-    "densenet201": "features.denseblock3",
-    "resnet18": "layer3",
-    "resnet50": "layer3",
-    "mobilenet_v2": "features.13",
-}
-
 
 def report_methods(arch: str) -> list[str]:
-    """What the check scores for ``arch``: Grad-CAM (registry layer, and finer), LRP if supported."""
-    from cxr_ray.explain.methods import default_layer, supported_pairs
-    from cxr_ray.models.registry import get_arch
-
+    """What the check scores for ``arch``: Grad-CAM (registry layer, and the registry's finer one:
+    6 x 6 cells at 96 px where a stride-32 layer has 3 x 3), LRP if supported."""
+    spec = get_arch(arch)
     methods = ["gradcam"]
-    if arch in FINER_GRADCAM_LAYER:
-        methods.append(f"gradcam@{FINER_GRADCAM_LAYER[arch]}")
-    if (arch, "lrp") in supported_pairs():
+    if spec.finer_gradcam_layer:
+        methods.append(f"gradcam@{spec.finer_gradcam_layer}")
+    if spec.supports_lrp:
         methods.append("lrp")
-        first_conv = get_arch(arch).first_conv
+        first_conv = spec.first_conv
         if default_layer(arch, "lrp") != first_conv:
             methods.append(f"lrp@{first_conv}")  # the pixel-level map too
     return methods
@@ -58,24 +58,17 @@ def report_methods(arch: str) -> list[str]:
 
 def load_archive(labels_csv: str, classes: Sequence[str], image_size: int, config) -> tuple:
     """Preprocessed tensors of every decodable, labelled image: ``(x (N,1,S,S), y (N,))``."""
-    import pandas as pd
-    import torch
-
-    from cxr_ray.errors import DecodeError
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.preprocess import preprocess
-
     table = pd.read_csv(labels_csv, keep_default_na=False)
     base = os.path.dirname(os.path.abspath(labels_csv))
+    reading = InputPolicy(target_size=image_size)
     xs, ys = [], []
     for row in table.itertuples(index=False):
         if str(getattr(row, "corrupt", "False")).lower() in ("true", "1") or row.label not in classes:
             continue
         path = row.path if os.path.isabs(row.path) else os.path.join(base, row.path)
         try:
-            with open(path, "rb") as handle:
-                pixels = decode_image(handle.read(), row.path, target_size=image_size).pixels
-        except (DecodeError, OSError):
+            pixels = load_input(path, reading, name=str(row.path)).image.pixels
+        except DecodeError:
             continue
         xs.append(preprocess(pixels, config))
         ys.append(list(classes).index(row.label))
@@ -105,11 +98,6 @@ def train_phantom_model(
     distribution), batch-norm statistics re-estimated at the end.
     ``time_budget_s`` stops after the epoch that crosses it.
     """
-    import torch
-    from torch import nn
-
-    from cxr_ray.artifact import new_card
-    from cxr_ray.models.registry import build_model
 
     card = new_card(
         name=f"phantom-{arch}", arch=arch, classes=list(classes), image_size=image_size,
@@ -163,8 +151,6 @@ def recalibrate_batch_norm(model, x, *, batch_size: int = 32, device: str = "cpu
     The running averages otherwise mix statistics from earlier, quite different
     weights, which after a few epochs from scratch costs much eval accuracy.
     """
-    import torch
-    from torch import nn
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -185,7 +171,6 @@ def recalibrate_batch_norm(model, x, *, batch_size: int = 32, device: str = "cpu
 
 def accuracy(model, card, labels_csv: str) -> float:
     """Top-1 accuracy of ``model`` on an archive (eval mode, CPU)."""
-    import torch
 
     x, y = load_archive(labels_csv, card.classes, card.image_size, card.preprocess_config)
     with torch.no_grad():
@@ -212,22 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     work = args.work_dir or tempfile.mkdtemp(prefix="cxr-phantom-")
     train_labels, eval_labels = args.train_labels, args.eval_labels
     if train_labels is None or eval_labels is None:
-        from cxr_ray.synth import generate_archive
-
         for name, n, seed in (("train", args.n, 1), ("eval", args.n_eval, 2)):
             out = os.path.join(work, name)
             generate_archive(out, n=n, formats=("png",), classes=PHANTOM_CLASSES, corrupt_fraction=0.0,
                              seed=seed, size=args.phantom_size)
         train_labels = train_labels or os.path.join(work, "train", "labels.csv")
         eval_labels = eval_labels or os.path.join(work, "eval", "labels.csv")
-
-    from cxr_ray.explain.localisation import localisation_report
 
     for entry in [a.strip() for a in args.archs.split(",") if a.strip()]:
         arch, _, epochs = entry.partition(":")

@@ -204,7 +204,7 @@ def decode_j2k_grey(
         raise DecodeError(
             "corrupt", f"{name}: JPEG 2000 frame of mode {image.mode} and {precision} bits"
         )
-    image.reduce = wavelet_levels_to_skip(expected_size[1], expected_size[0], target_size)
+    image.reduce = wavelet_levels_to_skip(expected_size[1], expected_size[0], target_size)  # type: ignore[assignment, method-assign]
     load(image, name, "jpeg2000")
     pixels = np.asarray(image)
     if container > precision:

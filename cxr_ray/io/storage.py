@@ -64,6 +64,12 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.asyn import sync
+from fsspec.utils import glob_translate
 
 from cxr_ray.errors import DecodeError, UsageError
 
@@ -133,7 +139,6 @@ def get_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[fsspec.Abs
 
 def to_pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
     """A ``pyarrow.fs.FileSystem`` over ``fs`` (for Parquet writers, Ray Data)."""
-    import pyarrow.fs as pafs
 
     if _is_local_fs(fs):
         return pafs.LocalFileSystem()
@@ -213,13 +218,13 @@ def open_output(uri: str, mode: str = "wb", s3_endpoint: str | None = None, **kw
     if "x" in mode and fs.exists(path):
         raise FileExistsError(uri)
     raw = fs.open(path, "wb")
-    handle: IO = raw if binary else io.TextIOWrapper(raw, encoding=kwargs.pop("encoding", "utf-8"), **kwargs)
+    handle: IO = raw if binary else io.TextIOWrapper(raw, encoding=kwargs.pop("encoding", "utf-8"), **kwargs)  # type: ignore[no-redef]
     try:
         yield handle
     except BaseException:
         if not binary:
             with contextlib.suppress(Exception):
-                handle.detach()
+                handle.detach()  # type: ignore[attr-defined]
         discard = getattr(raw, "discard", None)
         with contextlib.suppress(Exception):
             if discard is not None:
@@ -335,7 +340,6 @@ def _list_remote(fs, bucket: str, key_prefix: str) -> Iterator[list[str]]:
         for start in range(0, len(names), _LIST_PAGE):
             yield sorted(names[start : start + _LIST_PAGE])
         return
-    from fsspec.asyn import sync
 
     async def pages():
         page: list[str] = []
@@ -388,13 +392,12 @@ def _walk_local(directory: str, seen: set | None = None) -> Iterator[str]:
 
 def _literal_prefix(pattern: str) -> str:
     """The directory part of ``pattern`` before its first wildcard."""
-    first = _GLOB_CHARS.search(pattern).start()
+    found = _GLOB_CHARS.search(pattern)
+    first = found.start() if found else len(pattern)
     return pattern[: pattern.rfind("/", 0, first) + 1]
 
 
 def _expand_glob(fs, pattern: str, spec: str, wanted: frozenset[str] | None) -> Iterator[str]:
-    from fsspec.utils import glob_translate
-
     local = _is_local_fs(fs)
     if local and os.sep != "/":  # pragma: no cover - Windows
         pattern = pattern.replace(os.sep, "/")
@@ -442,9 +445,6 @@ def _iter_files_under(fs, base: str) -> Iterator[str]:
 
 def _read_manifest(fs, path: str, spec: str, s3_endpoint: str | None) -> Iterator[str]:
     """``path`` column entries, streamed in record batches, relative ones resolved."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     local = _is_local_fs(fs)
     try:

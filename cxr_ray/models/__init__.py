@@ -1,5 +1,9 @@
-"""CNN architectures by name (registry) and how a new model inherits weights (transfer)."""
+"""CNN architectures: the registry (plain data, by name), building one (``build``), inheriting weights
+(``transfer``, ``weights``), and the artifact a trained one lives in (``card``, ``artifact``).
 
-from cxr_ray.models.registry import ArchSpec, build_model, get_arch, list_archs
+Only the registry is imported here, so ``import cxr_ray.models`` does not load torch.
+"""
 
-__all__ = ["ArchSpec", "build_model", "get_arch", "list_archs"]
+from cxr_ray.models.registry import ArchSpec, get_arch, list_archs
+
+__all__ = ["ArchSpec", "get_arch", "list_archs"]

@@ -1,14 +1,15 @@
 """Architecture registry: every CNN of the source papers, by name.
 
 Each entry knows how to build the ImageNet-shaped network (3 channels, 1000
-classes), where its first convolution, classifier and Grad-CAM layer are, and
-its default input size and normalisation. :func:`build_model` turns that into a
+classes), where its first convolution, classifier and Grad-CAM layer are, its
+default input size and normalisation, and what the explainers need to know
+about it (where LRP reads its map, or why it cannot; a finer Grad-CAM layer).
+Every per-architecture fact lives here: nothing else names architectures. :func:`build_model` turns that into a
 one-channel, ``num_classes`` model, optionally starting from ImageNet weights.
 
-Grey-scale X-rays enter as ONE channel. The first convolution's RGB kernels are
-summed into a single kernel (timm's ``adapt_input_conv``), so ImageNet weights
-still see the same total response as a grey image copied into three channels,
-without spending memory and bandwidth on the copies.
+Plain data, no torch import: the CLI reads it for ``--help`` and validation in
+no time. Building a network (:mod:`cxr_ray.models.build`) imports torchvision /
+timm, inside the builders registered here.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # the registry is plain data: torch is imported when a network is built
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,7 +43,18 @@ class ArchSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     torchvision_weights: str | None = None  # enum member for ``--pretrained imagenet``
     timm_name: str | None = None
+    # Module structure the explainers rewrite for Captum: "vgg", "resnet", "densenet", ... .
+    family: str = ""
+    # LRP: where the map is read (None: the first convolution), or why this network has no LRP.
+    lrp_readout: str | None = None
+    lrp_unsupported: str | None = None
+    # A stride-16 Grad-CAM layer (finer maps on small inputs), scored next to gradcam_layer.
+    finer_gradcam_layer: str | None = None
     notes: str = field(default="", compare=False)
+
+    @property
+    def supports_lrp(self) -> bool:
+        return self.lrp_unsupported is None
 
     @property
     def grey_mean(self) -> float:
@@ -66,6 +80,20 @@ def list_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# What the explainers (cxr_ray.explain) offer; which architecture supports which is read off the specs.
+EXPLAIN_METHODS = ("gradcam", "lrp")
+
+
+def archs_with_lrp() -> list[str]:
+    """The architectures the explainers have LRP for (help texts, tests, ``supported_pairs``)."""
+    return [name for name in list_archs() if _REGISTRY[name].supports_lrp]
+
+
+def explain_methods_help() -> str:
+    """``gradcam (every architecture) or lrp (vgg19, ...)``, for ``--help`` texts."""
+    return f"gradcam (every architecture) or lrp ({', '.join(archs_with_lrp())})"
+
+
 def get_arch(name: str) -> ArchSpec:
     try:
         return _REGISTRY[name]
@@ -75,101 +103,13 @@ def get_arch(name: str) -> ArchSpec:
         raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(list_archs())}.{hint}") from None
 
 
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path) if path else model
-
-
-def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(get_submodule(model, parent_path), child, module)
-
-
-def backbone_blocks(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    """The backbone's stages in forward order (for ``finetune`` of the last N blocks).
-
-    A normalisation layer standing alone after a stage (DenseNet's ``norm5``,
-    Xception's ``bn4``) belongs to that stage, so "last block" means real layers.
-    """
-    container = get_submodule(model, spec.blocks)
-    classifier_root = spec.classifier.split(".")[0]
-    groups: list[list[nn.Module]] = []
-    for name, child in container.named_children():
-        if not spec.blocks and name == classifier_root:
-            continue
-        if not any(True for _ in child.parameters()):
-            continue
-        if isinstance(child, nn.modules.batchnorm._NormBase) and groups:
-            groups[-1].append(child)
-        else:
-            groups.append([child])
-    return [group[0] if len(group) == 1 else nn.ModuleList(group) for group in groups]
-
-
-def adapt_first_conv_to_grey(model: nn.Module, spec: ArchSpec) -> None:
-    """Replace the RGB first convolution by a one-channel one whose kernel is the RGB sum."""
-    conv = get_submodule(model, spec.first_conv)
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"{spec.name}: {spec.first_conv} is {type(conv).__name__}, not Conv2d")
-    grey = nn.Conv2d(
-        1,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=1,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
-    with torch.no_grad():
-        grey.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-        if conv.bias is not None:
-            grey.bias.copy_(conv.bias)
-    set_submodule(model, spec.first_conv, grey)
-
-
-def replace_classifier(model: nn.Module, spec: ArchSpec, num_classes: int) -> nn.Linear:
-    old = get_submodule(model, spec.classifier)
-    if not isinstance(old, nn.Linear):
-        raise TypeError(f"{spec.name}: {spec.classifier} is {type(old).__name__}, not Linear")
-    head = nn.Linear(old.in_features, num_classes)
-    set_submodule(model, spec.classifier, head)
-    return head
-
-
-def build_model(
-    arch: str,
-    num_classes: int,
-    *,
-    imagenet_state_dict: dict[str, torch.Tensor] | None = None,
-) -> nn.Module:
-    """A one-channel ``num_classes`` network of ``arch``; ImageNet weights if given.
-
-    ``imagenet_state_dict`` is the 3-channel, 1000-class state dict of the same
-    architecture (torchvision / timm format); see :mod:`cxr_ray.models.weights`.
-    """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    spec = get_arch(arch)
-    model = spec.build_imagenet()
-    if imagenet_state_dict is not None:
-        missing, unexpected = model.load_state_dict(imagenet_state_dict, strict=False)
-        significant = [k for k in missing if "num_batches_tracked" not in k]
-        if significant or unexpected:
-            raise ValueError(
-                f"{arch}: pretrained weights do not fit (missing {significant[:5]}, unexpected {list(unexpected)[:5]})"
-            )
-    adapt_first_conv_to_grey(model, spec)
-    replace_classifier(model, spec, num_classes)
-    return model
-
-
 # --- the architectures of the source papers -------------------------------------------
 
 
-def _torchvision(builder_name: str, **kwargs) -> Callable[[], nn.Module]:
+# The builders import torchvision / timm when called: building is deferred, listing is free.
+def _torchvision(builder_name: str, **kwargs: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import torchvision
+        import torchvision  # deferred: see above
 
         return getattr(torchvision.models, builder_name)(weights=None, **kwargs)
 
@@ -177,7 +117,7 @@ def _torchvision(builder_name: str, **kwargs) -> Callable[[], nn.Module]:
 
 
 def _inception_v3() -> nn.Module:
-    import torchvision
+    import torchvision  # deferred: see above
 
     # transform_input re-normalises three RGB channels itself: wrong for grey input.
     # aux_logits must be True to load ImageNet weights; the aux head is dropped after.
@@ -189,39 +129,61 @@ def _inception_v3() -> nn.Module:
 
 def _timm(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import timm
+        import timm  # deferred: see above
 
         return timm.create_model(name, pretrained=False, num_classes=1000)
 
     return build
 
 
+# Where the explainers read, and why (the measurements are in cxr_ray.explain.methods' docstring):
+# DenseNet's LRP at the stride-16 transition pool, VGG-19's at its block-3 max pool (stride 8);
+# finer Grad-CAM at the last stride-16 map.
+_DENSENET_EXPLAIN: dict[str, Any] = {"family": "densenet", "lrp_readout": "features.transition2.pool",
+                     "finer_gradcam_layer": "features.denseblock3"}
+
 for _spec in (
     # Grad-CAM at features.35, the ReLU after the last convolution (features.34): the rectified
     # last conv maps of Grad-CAM. At the convolution itself the channel sum was negative all over
     # the map, i.e. an all-zero heatmap, on 26 of 26 phantom pneumonia images.
     ArchSpec("vgg19", "torchvision", _torchvision("vgg19"), "features.0", "classifier.6", "features.35",
-             224, 32, blocks="features", torchvision_weights="VGG19_Weights.IMAGENET1K_V1"),
+             224, 32, blocks="features", torchvision_weights="VGG19_Weights.IMAGENET1K_V1",
+             family="vgg", lrp_readout="features.18"),
     ArchSpec("mobilenet_v2", "torchvision", _torchvision("mobilenet_v2"), "features.0.0", "classifier.1",
-             "features.18", 224, 32, blocks="features", torchvision_weights="MobileNet_V2_Weights.IMAGENET1K_V1"),
+             "features.18", 224, 32, blocks="features", torchvision_weights="MobileNet_V2_Weights.IMAGENET1K_V1",
+             family="mobilenet", finer_gradcam_layer="features.13",
+             lrp_unsupported="ReLU6 activations have no Captum LRP rule and the inverted-residual "
+             "additions are functional"),
     ArchSpec("inception_v3", "torchvision", _inception_v3, "Conv2d_1a_3x3.conv", "fc", "Mixed_7c",
-             299, 75, torchvision_weights="Inception_V3_Weights.IMAGENET1K_V1"),
+             299, 75, torchvision_weights="Inception_V3_Weights.IMAGENET1K_V1", family="inception",
+             lrp_unsupported="its Inception blocks pool with functional F.max_pool2d / F.avg_pool2d, "
+             "which Captum's LRP cannot attach a rule to"),
     ArchSpec("resnet50", "torchvision", _torchvision("resnet50"), "conv1", "fc", "layer4",
-             224, 32, torchvision_weights="ResNet50_Weights.IMAGENET1K_V1"),
+             224, 32, torchvision_weights="ResNet50_Weights.IMAGENET1K_V1", family="resnet",
+             finer_gradcam_layer="layer3"),
     # Not from the source papers: a small ResNet that trains from scratch in minutes on a CPU
     # (development, tests, quick baselines on new data).
     ArchSpec("resnet18", "torchvision", _torchvision("resnet18"), "conv1", "fc", "layer4",
-             224, 32, torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
+             224, 32, torchvision_weights="ResNet18_Weights.IMAGENET1K_V1", family="resnet",
+             finer_gradcam_layer="layer3",
              notes="small baseline for CPU runs and tests; not one of the papers' architectures"),
     ArchSpec("densenet121", "torchvision", _torchvision("densenet121"), "features.conv0", "classifier",
-             "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet121_Weights.IMAGENET1K_V1"),
+             "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet121_Weights.IMAGENET1K_V1",
+             **_DENSENET_EXPLAIN),
     ArchSpec("densenet169", "torchvision", _torchvision("densenet169"), "features.conv0", "classifier",
-             "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet169_Weights.IMAGENET1K_V1"),
+             "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet169_Weights.IMAGENET1K_V1",
+             **_DENSENET_EXPLAIN),
     ArchSpec("densenet201", "torchvision", _torchvision("densenet201"), "features.conv0", "classifier",
-             "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet201_Weights.IMAGENET1K_V1"),
+             "features.norm5", 224, 32, blocks="features", torchvision_weights="DenseNet201_Weights.IMAGENET1K_V1",
+             **_DENSENET_EXPLAIN),
     ArchSpec("xception", "timm", _timm("legacy_xception"), "conv1", "fc", "act4", 299, 71,
-             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), timm_name="legacy_xception"),
+             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), timm_name="legacy_xception", family="xception",
+             lrp_unsupported="timm's separable convolutions and functional residual additions have no "
+             "Captum LRP rule"),
     ArchSpec("inception_resnet_v2", "timm", _timm("inception_resnet_v2"), "conv2d_1a.conv", "classif",
-             "conv2d_7b", 299, 75, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), timm_name="inception_resnet_v2"),
+             "conv2d_7b", 299, 75, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), timm_name="inception_resnet_v2",
+             family="inception_resnet",
+             lrp_unsupported="timm's scaled residual additions (x * scale + branch) are "
+             "functional and have no Captum LRP rule"),
 ):
     register_arch(_spec)

@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
-from typing import Literal, get_args
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from cxr_ray.models.registry import backbone_blocks, get_arch, get_submodule
+from cxr_ray.errors import ArtifactError
+from cxr_ray.models.artifact import WEIGHTS_FILE, load_card, localize
+from cxr_ray.models.build import backbone_blocks, get_submodule
+from cxr_ray.models.modes import TRAIN_MODES, TrainMode
+from cxr_ray.models.registry import get_arch
 from cxr_ray.models.weights import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
     WeightsError,
     load_state_dict,
 )
-
-TrainMode = Literal["scratch", "frozen", "finetune"]
-TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
-
 
 # --------------------------------------------------------------------------- label spaces
 
@@ -83,32 +82,9 @@ def init_from_source(
         names = list(source_classes) if source_classes is not None else None
 
     head_keys = {f"{spec.classifier}.weight", f"{spec.classifier}.bias"}
-    conv_key = f"{spec.first_conv}.weight"
     target = model.state_dict()  # references to the live parameters and buffers
-    first_conv = "missing"
-    copied, skipped = 0, []
     with torch.no_grad():
-        for name, tensor in target.items():
-            if name in head_keys:
-                continue
-            if name not in state:
-                skipped.append({"name": name, "reason": "not in source"})
-                continue
-            value = state[name]
-            if name == conv_key and value.ndim == 4 and value.shape[1] == 3 and tensor.shape[1] == 1:
-                value = value.sum(dim=1, keepdim=True)
-                first_conv = "summed_rgb"
-            elif name == conv_key:
-                first_conv = "copied"
-            if tuple(value.shape) != tuple(tensor.shape):
-                skipped.append(
-                    {"name": name, "reason": f"shape {list(value.shape)} != {list(tensor.shape)}"}
-                )
-                if name == conv_key:
-                    first_conv = "skipped"
-                continue
-            tensor.copy_(value.to(dtype=tensor.dtype))
-            copied += 1
+        copied, skipped, first_conv = _copy_backbone(target, state, head_keys, f"{spec.first_conv}.weight")
         if copied == 0:
             raise WeightsError(
                 f"{source}: no tensor matches a {arch} network by name and shape; "
@@ -135,6 +111,37 @@ def init_from_source(
     }
 
 
+def _copy_backbone(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor], head_keys: set[str],
+                   conv_key: str) -> tuple[int, list[dict[str, str]], str]:
+    """Copy every non-head tensor of ``state`` that fits by name and shape into ``target`` (in place).
+
+    Returns (tensors copied, the ones skipped and why, what happened to the first convolution:
+    ``copied``, ``summed_rgb`` (3 channels summed to 1), ``skipped`` or ``missing``).
+    """
+    first_conv = "missing"
+    copied, skipped = 0, []
+    for name, tensor in target.items():
+        if name in head_keys:
+            continue
+        if name not in state:
+            skipped.append({"name": name, "reason": "not in source"})
+            continue
+        value = state[name]
+        if name == conv_key and value.ndim == 4 and value.shape[1] == 3 and tensor.shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)
+            first_conv = "summed_rgb"
+        elif name == conv_key:
+            first_conv = "copied"
+        if tuple(value.shape) != tuple(tensor.shape):
+            skipped.append({"name": name, "reason": f"shape {list(value.shape)} != {list(tensor.shape)}"})
+            if name == conv_key:
+                first_conv = "skipped"
+            continue
+        tensor.copy_(value.to(dtype=tensor.dtype))
+        copied += 1
+    return copied, skipped, first_conv
+
+
 def _read_source(
     source: str, arch: str, s3_endpoint: str | None
 ) -> tuple[dict[str, torch.Tensor], str, str | None, list[str] | None]:
@@ -145,9 +152,6 @@ def _read_source(
     is_file = suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES or ("://" not in source and Path(source).is_file())
     if is_file:
         return load_state_dict(source, s3_endpoint=s3_endpoint), "state_dict", None, None
-
-    from cxr_ray.artifact import WEIGHTS_FILE, load_card, localize
-    from cxr_ray.errors import ArtifactError
 
     if "://" not in source and not Path(source).exists():
         raise WeightsError(f"{source}: no such artifact directory or weights file")

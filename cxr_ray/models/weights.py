@@ -25,8 +25,10 @@ from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from cxr_ray.errors import UsageError
+from cxr_ray.io.storage import read_bytes
 from cxr_ray.models.registry import ArchSpec, get_arch
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -58,7 +60,6 @@ def load_state_dict(uri: str, s3_endpoint: str | None = None) -> dict[str, torch
     (``s3://``). Checkpoint containers are unwrapped (``{"state_dict": ...}``,
     ``{"model": ...}``) and DDP's ``module.`` prefix is removed.
     """
-    from cxr_ray.io.storage import read_bytes
 
     uri = os.fspath(uri)
     try:
@@ -67,14 +68,12 @@ def load_state_dict(uri: str, s3_endpoint: str | None = None) -> dict[str, torch
         raise WeightsError(f"{uri}: weights file not found") from exc
     kind = _file_kind(uri, data)
     if kind == "safetensors":
-        from safetensors.torch import load as load_safetensors
-
         try:
             state = load_safetensors(data)
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{uri}: not a valid safetensors file: {exc}") from exc
     else:
-        state = _torch_load(uri, data)
+        state = _torch_load(uri, data)  # type: ignore[assignment]
     return _unwrap(uri, state)
 
 
@@ -187,7 +186,7 @@ def _download_imagenet(spec: ArchSpec) -> dict[str, torch.Tensor]:
             if cfg.hf_hub_id and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
                 raise WeightsDownloadError(f"{spec.name}: {NO_NETWORK_HINT} (HF_HUB_OFFLINE is set)")
             url = cfg.url if cfg.url else os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-            _probe_download(url, spec)
+            _probe_download(url, spec)  # type: ignore[arg-type]
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, num_classes=1000)
         except OSError as exc:  # URLError; huggingface_hub's LocalEntryNotFoundError is one too

@@ -26,27 +26,30 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import pyarrow as pa
+import ray
+import torch
 
-from cxr_ray.errors import DecodeError, UsageError
-from cxr_ray.io.storage import is_remote, join
+from cxr_ray.errors import UsageError
+from cxr_ray.explain.batch import npy_bytes
+from cxr_ray.explain.methods import Explainer, check_supported
+from cxr_ray.explain.overlay import overlay_png_bytes
+from cxr_ray.io.inputs import InputPolicy, failure_reason, load_input
+from cxr_ray.io.storage import is_remote, join, open_output
 from cxr_ray.io.types import DecodePolicy
+from cxr_ray.models.artifact import load_model
+from cxr_ray.models.card import ModelCard
+from cxr_ray.screen.config import ScreenConfig, check_heatmap_mode
+from cxr_ray.screen.inputs import path_digests
 from cxr_ray.screen.output import HEATMAPS_DIR
+from cxr_ray.screen.resources import Layout, heatmap_actor_cpus
 from cxr_ray.screen.schema import HEATMAP_PATH, STATUS_OK
-from cxr_ray.screen.stages import display_name
 
 log = logging.getLogger(__name__)
 
-HEATMAP_MODES = ("none", "flagged")
-
-
-def check_heatmap_mode(mode: str) -> None:
-    if mode not in HEATMAP_MODES:
-        raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {mode!r}")
-
-
-def check_heatmaps(card, mode: str, method: str) -> None:
+def check_heatmaps(card: ModelCard, mode: str, method: str) -> None:
     """Refuse, before any work, heatmaps this model cannot have.
 
     Raises :class:`~cxr_ray.explain.UnsupportedExplanationError` for an
@@ -56,7 +59,6 @@ def check_heatmaps(card, mode: str, method: str) -> None:
     check_heatmap_mode(mode)
     if mode == "none":
         return
-    from cxr_ray.explain.methods import check_supported
 
     check_supported(card.arch, method)
     if card.positive_index is None:
@@ -75,28 +77,13 @@ def heatmaps_uri(output: str) -> str:
 
 def heatmap_name(path: str, method: str) -> str:
     """``<BLAKE2b-128 of the input path>.<method>``: stable, and no part of the file name."""
-    from cxr_ray.screen.inputs import path_digests
 
     return f"{path_digests([path])[0].tobytes().hex()}.{method}"
 
 
-def stage_arguments(config, output: str, plan, cluster: dict[str, float]) -> dict:
-    """``map_batches`` arguments for :class:`HeatmapWriter` (``plan``: the job's :class:`Layout`).
-
-    One to ``plan.actors[1]`` actors, each asking for the CPU share of a
-    predict actor on a CPU-only cluster (one CPU on GPU clusters). Where the
-    predict actors and a decode task already take every CPU (a one-CPU
-    machine), the heatmap actors ask for none: a CPU request there could
-    never be met while the other stages hold theirs.
-    """
-    import ray
-
-    on_gpu = plan.gpus_per_actor > 0
-    cpus = 1.0 if on_gpu else plan.cpus_per_actor
-    taken = plan.actors[0] * plan.cpus_per_actor + plan.decode_cpus
-    if taken + cpus > float(cluster.get("CPU", 1)):
-        log.info("heatmap actors ask for no CPU: predict actors and decoding take the cluster's %s", cluster.get("CPU"))
-        cpus = 0
+def stage_arguments(config: ScreenConfig, output: str, plan: Layout, cluster: dict[str, float]) -> dict[str, Any]:
+    """``map_batches`` arguments for :class:`HeatmapWriter` (``plan``: the job's :class:`Layout`):
+    one to ``plan.actors[1]`` actors of :func:`~cxr_ray.screen.resources.heatmap_actor_cpus` each."""
     return {
         "batch_size": config.batch_size,
         "batch_format": "pyarrow",
@@ -110,7 +97,7 @@ def stage_arguments(config, output: str, plan, cluster: dict[str, float]) -> dic
             "num_threads": plan.threads_per_actor,
             "s3_endpoint": config.s3_endpoint,
         },
-        "num_cpus": cpus,
+        "num_cpus": heatmap_actor_cpus(plan, cluster),
         "max_restarts": -1,
         "max_task_retries": config.max_task_retries,
     }
@@ -131,10 +118,6 @@ class HeatmapWriter:
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
     ) -> None:
-        import torch
-
-        from cxr_ray.artifact import load_model
-        from cxr_ray.explain.methods import Explainer
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -145,20 +128,14 @@ class HeatmapWriter:
         self.explainer = Explainer(model, card, method)
         self.target = card.positive_index
         self.heatmaps = heatmaps
-        self.policy = policy or DecodePolicy()
-        self.max_bytes = max_bytes
+        # The stored size: overlays are drawn on the original image.
+        self.reading = InputPolicy(decode=policy or DecodePolicy(), max_bytes=max_bytes, s3_endpoint=s3_endpoint)
         self.s3_endpoint = s3_endpoint
 
     def write(self, path: str) -> str:
         """Explain one input; returns the overlay's URI (raises on any failure)."""
-        from cxr_ray.explain.batch import npy_bytes
-        from cxr_ray.explain.overlay import overlay_png_bytes
-        from cxr_ray.io.decode import decode_image
-        from cxr_ray.io.storage import open_output, read_bytes
 
-        data = read_bytes(path, s3_endpoint=self.s3_endpoint, max_bytes=self.max_bytes)
-        pixels = decode_image(data, display_name(path), policy=self.policy).pixels
-        del data
+        pixels = load_input(path, self.reading).image.pixels
         heatmap = self.explainer.explain(pixels, self.target).heatmap
         stem = heatmap_name(path, self.method)
         png_uri = join(self.heatmaps, stem + ".png")
@@ -184,7 +161,7 @@ class HeatmapWriter:
                 written[i] = self.write(path)
             except Exception as exc:  # noqa: BLE001 - one row's heatmap never fails the batch
                 written[i] = None
-                reason = exc.code if isinstance(exc, DecodeError) else type(exc).__name__
+                reason = failure_reason(exc)
                 log.warning("heatmap not written (%s): %s", self.method, reason)  # no file name: it may hold PHI
                 warnings[i] = [*(warnings[i] or []), f"heatmap not written ({self.method}): {reason}"]
         if not changed:

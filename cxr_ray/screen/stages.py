@@ -15,17 +15,18 @@ Ray Data calls them; tests call them directly on tiny tables.
 from __future__ import annotations
 
 import os
-import posixpath
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 
+from cxr_ray.engines.load import load_backend, resolve_backend_name
 from cxr_ray.errors import DecodeError
-from cxr_ray.io.decode import decode_image
-from cxr_ray.io.storage import read_bytes
+from cxr_ray.io.inputs import InputPolicy, display_name, load_input
 from cxr_ray.io.types import DecodePolicy
+from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import PreprocessConfig, preprocess
+from cxr_ray.screen.output import OutputLayout
 from cxr_ray.screen.schema import (
     HEATMAP_PATH,
     INFERENCE_FAILED,
@@ -50,22 +51,8 @@ CRASH_ON_ENV = "CXR_RAY_CHAOS_CRASH_ON"
 KILL_ACTOR_ONCE_ENV = "CXR_RAY_CHAOS_KILL_ACTOR_ONCE"
 
 
-def display_name(uri: str) -> str:
-    """The file's base name: enough to find it, no directories (they may hold PHI)."""
-    return posixpath.basename(str(uri).rstrip("/")) or "input"
-
-
 def _clip(message: str) -> str:
     return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def _read_error(name: str, exc: BaseException) -> DecodeError:
-    if isinstance(exc, DecodeError):
-        return exc
-    reason = type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        reason = f"{reason}: {exc.strerror}"  # strerror only: the full message repeats the path
-    return DecodeError("read_failed", f"{name}: could not be read ({reason})")
 
 
 def decode_batch(
@@ -80,7 +67,8 @@ def decode_batch(
     """``path`` column -> decode-stage table (:func:`~cxr_ray.screen.schema.decoded_schema`)."""
     config = PreprocessConfig.from_dict(preprocessing)
     size = config.image_size
-    policy = policy or DecodePolicy()
+    reading = InputPolicy(decode=policy or DecodePolicy(), max_bytes=max_bytes, target_size=size,
+                          pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint)
     crash_on = os.environ.get(CRASH_ON_ENV)
     paths = table.column("path").to_pylist()
     columns: dict[str, list] = {name: [] for name in META_COLUMNS}
@@ -93,28 +81,12 @@ def decode_batch(
         row["path"] = path
         row["warnings"] = []
         try:
-            try:
-                data = read_bytes(path, s3_endpoint=s3_endpoint, max_bytes=max_bytes)
-            except Exception as exc:  # noqa: BLE001 - any read failure is this file's row
-                raise _read_error(name, exc) from None
-            image = decode_image(data, name, policy=policy, pseudonym_key=pseudonym_key, target_size=size)
-            del data
+            image = load_input(path, reading, name=name).image
             try:
                 pixels[i] = preprocess(image.pixels, config).reshape(-1)
             except Exception as exc:  # noqa: BLE001 - a decoder output preprocess cannot take
                 raise DecodeError("corrupt", f"{name}: cannot be preprocessed ({type(exc).__name__})") from None
-            meta = image.meta
-            row.update(
-                format=meta.format,
-                modality=meta.modality,
-                view_position=meta.view_position,
-                rows=meta.rows,
-                cols=meta.cols,
-                patient_pseudonym=meta.patient_pseudonym,
-                study_pseudonym=meta.study_pseudonym,
-                instance_pseudonym=meta.instance_pseudonym,
-                warnings=list(meta.warnings),
-            )
+            row.update({k: v for k, v in image.meta.to_dict().items() if k in META_COLUMNS})
         except DecodeError as exc:
             row["error_code"] = exc.code
             row["error"] = _clip(exc.message)
@@ -147,8 +119,6 @@ class Predictor:
     ) -> None:
         """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
         batches (``path`` tables in), None when a decode stage runs before it."""
-        from cxr_ray.artifact import load_card
-        from cxr_ray.backends.select import load_backend, resolve_backend_name
 
         self.card = load_card(artifact, s3_endpoint)
         if backend == "auto" and device != "cpu":
@@ -161,7 +131,6 @@ class Predictor:
         self.image_size = self.card.image_size
         self.classes = list(self.card.classes)
         self.prob_names = prob_columns(self.classes)
-        self.positive = self.card.positive_index
         self.threshold = float(self.card.threshold)
         self.schema = output_schema(self.classes)
         self.max_batch = getattr(self.backend.input_spec, "max_batch", None)
@@ -194,7 +163,7 @@ class Predictor:
                     row_probs, row_fail = self.predict_rows(batch[i : i + 1])
                     probs[i], failures[i] = row_probs[0], row_fail[0]
         bad = ~np.isfinite(probs).all(axis=1)
-        for i in np.flatnonzero(bad):
+        for i in np.flatnonzero(bad):  # type: ignore[assignment]
             failures[i] = failures[i] or f"{self.backend.name}: non-finite probabilities"
         return probs, failures
 
@@ -229,14 +198,14 @@ class Predictor:
         columns["status"] = pa.array(status, pa.string())
         columns["error_code"] = pa.array(codes, pa.string())
         columns["error"] = pa.array(errors, pa.string())
-        labels = [self.classes[int(k)] if d else None for k, d in zip(np.nan_to_num(probs).argmax(axis=1), done, strict=True)]
+        decisions = self.card.decide(probs)
+        labels = [label if d else None for label, d in zip(decisions.labels, done, strict=True)]
         columns["predicted_label"] = pa.array(labels, pa.string())
         for k, name in enumerate(self.prob_names):
-            columns[name] = pa.array(probs[:, k], pa.float32(), mask=~done)
-        if self.positive is not None:
-            score = probs[:, self.positive]
-            columns["score"] = pa.array(score, pa.float32(), mask=~done)
-            columns["flagged"] = pa.array(np.nan_to_num(score, nan=-1.0) >= self.threshold, pa.bool_(), mask=~done)
+            columns[name] = pa.array(decisions.probabilities[:, k], pa.float32(), mask=~done)
+        if decisions.scores is not None and decisions.flagged is not None:
+            columns["score"] = pa.array(decisions.scores, pa.float32(), mask=~done)
+            columns["flagged"] = pa.array(decisions.flagged, pa.bool_(), mask=~done)
         else:
             columns["score"] = pa.nulls(n, pa.float32())
             columns["flagged"] = pa.nulls(n, pa.bool_())
@@ -260,7 +229,6 @@ WRITE_STATS_SCHEMA = pa.schema(
 
 def write_batch(table: pa.Table, *, output: str, s3_endpoint: str | None = None) -> pa.Table:
     """Write one part (sorted by path, atomically, content-addressed); return its stats row."""
-    from cxr_ray.screen.output import OutputLayout
 
     table = table.sort_by("path")
     name = OutputLayout(output, s3_endpoint).write_part(table)

@@ -1,4 +1,4 @@
-"""What is already written under an output prefix: the resume set, duplicates, the summary.
+"""What is already written under an output prefix: the resume set, duplicates, the run summary.
 
 Everything here is computed from the committed parts themselves (never from
 what a run believes it wrote), reading a few columns part by part, so it is
@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxr_ray.models.card import ModelCard
 from cxr_ray.screen.inputs import DIGEST_DTYPE, DoneSet, path_digests
-from cxr_ray.screen.output import OutputLayout
+from cxr_ray.screen.output import RUNS_DIR, SUMMARY_FILE, OutputLayout
+from cxr_ray.screen.passes import PassResult
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +127,98 @@ def remove_duplicates(layout: OutputLayout, scan: PartsScan) -> int:
                 continue
         layout.remove(path)
     return removed
+
+
+# --------------------------------------------------------------------------- the run summary
+
+
+def model_record(card: ModelCard) -> dict[str, Any]:
+    return {
+        "name": card.name,
+        "version": card.version,
+        "arch": card.arch,
+        "classes": list(card.classes),
+        "positive_class": card.positive_class,
+        "threshold": card.threshold,
+        "image_size": card.image_size,
+    }
+
+
+def _run_record(run_id: str, started_at: datetime, seconds: float, passes: list[PassResult], screened: int,
+                crashed_rows: int, duplicates: int, card: ModelCard) -> dict[str, Any]:
+    """What ``_runs/<run_id>.json`` says about this run."""
+    first = passes[0]
+    return {
+        "run_id": run_id,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "inputs_listed": first.listed,
+        "already_done": first.already_done,
+        "screened": screened,
+        "images_per_s": round(screened / seconds, 3) if seconds > 0 else None,
+        "backend": next((p.backend for p in passes if p.backend), None),
+        "passes": [asdict(p) | {"missing": p.missing} for p in passes],
+        "worker_crashed_rows": crashed_rows,
+        "duplicates_removed": duplicates,
+        "model": model_record(card),
+    }
+
+
+def finish_run(
+    layout: OutputLayout,
+    card: ModelCard,
+    run_id: str,
+    started_at: datetime,
+    seconds: float,
+    passes: list[PassResult],
+    crashed_rows: int,
+    resumed_rows: int,
+) -> dict[str, Any]:
+    """Check what is written (de-duplicating if needed), record the run, write ``_summary.json``.
+
+    The counts come from the parts themselves (all runs), read once more: 16
+    bytes per row in the driver for the duplicate check, plus counters.
+    """
+    final = scan_parts(layout)
+    duplicates = remove_duplicates(layout, final)
+    if duplicates:
+        final = scan_parts(layout)
+    screened = sum(p.written for p in passes) + crashed_rows
+    first = passes[0]
+    missing = max(0, first.to_screen - screened)
+    run_record = _run_record(run_id, started_at, seconds, passes, screened, crashed_rows, duplicates, card)
+    layout.write_json(f"{RUNS_DIR}/{run_id}.json", run_record)
+    runs = [r for r in layout.list_json(RUNS_DIR, ".json") if "passes" in r]
+    summary = {
+        "output": layout.uri,
+        "complete": missing == 0,
+        "inputs": first.listed,
+        "rows": final.rows,
+        "missing": missing,
+        "resumed_rows": resumed_rows,
+        "screened_this_run": screened,
+        "status": {s: final.status.get(s, 0) for s in ("ok", "error", "skipped")},
+        "error_codes": dict(sorted(final.error_codes.items())),
+        "predicted_label": {c: final.labels.get(c, 0) for c in card.classes},
+        "flagged": final.flagged,
+        "threshold": card.threshold,
+        "model": model_record(card),
+        "backend": run_record["backend"],
+        "backends": dict(final.backends),
+        "run_id": run_id,
+        "run_ids": sorted(final.runs),
+        "images_per_s": run_record["images_per_s"],
+        "steady_images_per_s": first.steady_images_per_s,
+        "seconds": run_record["seconds"],
+        "runs": [
+            {k: r.get(k) for k in ("run_id", "started_at", "seconds", "screened", "images_per_s", "backend")}
+            for r in sorted(runs, key=lambda r: r.get("started_at", ""))
+        ],
+        "parts": len(final.parts),
+        "duplicates_removed": duplicates,
+        "quarantined_parts": final.quarantined,
+        "worker_crashed_rows": crashed_rows,
+    }
+    layout.write_json(SUMMARY_FILE, summary)
+    return summary

@@ -123,7 +123,7 @@ def media_type(content_type: str | None) -> str:
 
 def card_summary(card: dict) -> dict:
     """``model.json`` minus training internals: keep scalar training settings only."""
-    training = {k: v for k, v in (card.get("training") or {}).items() if isinstance(v, (str, int, float, bool)) or v is None}
+    training = {k: v for k, v in dict(card.get("training") or {}).items() if isinstance(v, (str, int, float, bool)) or v is None}
     keep = (
         "name", "version", "arch", "classes", "positive_class", "thresholds", "preprocessing",
         "metrics", "data_fingerprint", "created_at", "schema_version",
@@ -133,5 +133,5 @@ def card_summary(card: dict) -> dict:
     out["thresholds"] = out["thresholds"] or {}
     out["metrics"] = out["metrics"] or {}
     out["image_size"] = int(card["preprocessing"]["image_size"])
-    out["threshold"] = float(out["thresholds"].get("positive", 0.5))
+    out["threshold"] = float(out["thresholds"].get("positive", 0.5))  # type: ignore[union-attr]
     return out

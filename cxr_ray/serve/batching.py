@@ -79,11 +79,13 @@ class OpportunisticBatcher(Generic[Item, Result]):
                 await self._run(batch)
 
     async def _wait_for_first(self) -> None:
+        assert self._arrived is not None  # made by the first submit, before the consumer starts
         while not self._queue:
             self._arrived.clear()
             await self._arrived.wait()
 
     async def _wait_to_fill(self) -> None:
+        assert self._arrived is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.batch_wait_timeout_s
         while len(self._queue) < self.max_batch_size:
@@ -97,7 +99,7 @@ class OpportunisticBatcher(Generic[Item, Result]):
                 return
 
     def _take_batch(self) -> list[tuple[Item, asyncio.Future]]:
-        batch = []
+        batch: list[tuple[Item, asyncio.Future]] = []
         while self._queue and len(batch) < self.max_batch_size:
             item, future = self._queue.popleft()
             if not future.done():  # cancelled while queued: its client is gone

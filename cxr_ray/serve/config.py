@@ -81,25 +81,24 @@ class DeploymentArgs(BaseModel):
 # queued per caller) sheds load before the ingress (128 running) is full, so overload
 # is answered by our JSON 503. Were the ingress full first, Serve's proxy would answer
 # with its own plain-text 503 (see ServeArgs.layering_problems).
-def _default_ingress() -> DeploymentArgs:
-    # Decode + preprocess run here (CPU), so scale on concurrent requests.
+def _autoscaled(max_replicas: int, ongoing: int, queued: int) -> DeploymentArgs:
     return DeploymentArgs(
-        autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=4, target_ongoing_requests=16),
-        max_ongoing_requests=128,
-        max_queued_requests=64,
+        autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=16),
+        max_ongoing_requests=ongoing,
+        max_queued_requests=queued,
         ray_actor_options={"num_cpus": 1},
     )
+
+
+def _default_ingress() -> DeploymentArgs:
+    # Decode + preprocess run here (CPU), so scale on concurrent requests.
+    return _autoscaled(max_replicas=4, ongoing=128, queued=64)
 
 
 def _default_predictor() -> DeploymentArgs:
     # Batched inference: one replica per device; ongoing >= 2 x max_batch_size so a
     # batch can fill while the previous one runs.
-    return DeploymentArgs(
-        autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=16),
-        max_ongoing_requests=32,
-        max_queued_requests=32,
-        ray_actor_options={"num_cpus": 1},
-    )
+    return _autoscaled(max_replicas=2, ongoing=32, queued=32)
 
 
 class ServeArgs(BaseModel):

@@ -6,21 +6,28 @@ already decoded and preprocessed ((1, S, S) float32), so it spends its time in
 the backend only: concurrent requests (everything that queued while the previous
 batch ran) go into one ``Backend.predict`` call
 (:class:`~cxr_ray.serve.batching.OpportunisticBatcher`). The same
-:func:`~cxr_ray.backends.select.load_backend` and artifact as the screening job
+:func:`~cxr_ray.engines.load.load_backend` and artifact as the screening job
 give the same numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 from ray import serve
+from torch import nn
 
+from cxr_ray.engines.load import load_backend
+from cxr_ray.explain.methods import Explainer, supported_pairs
+from cxr_ray.explain.overlay import overlay_png_bytes
+from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.serve.api import card_summary
 from cxr_ray.serve.batching import OpportunisticBatcher
 from cxr_ray.serve.config import ServeArgs
@@ -33,9 +40,6 @@ class CxrPredictor:
     """Batched inference plus (lazily) the torch model for explanations."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from cxr_ray.artifact import load_card, localize
-        from cxr_ray.backends.select import load_backend
-
         self.args = ServeArgs.model_validate(args)
         # Localise once (s3:// -> cache) so the card, the backend and the torch
         # model for explanations all read the same files.
@@ -51,7 +55,7 @@ class CxrPredictor:
             load_backend, self.artifact, self.args.backend, device=self.args.device,
             precision=self.args.precision, num_threads=self.args.num_threads,
         ).result()
-        self._torch_model = None
+        self._torch_model: nn.Module | None = None
         self._explainers: dict[str, Any] = {}
         self._probe = np.zeros((1, *self.backend.input_spec.shape), dtype=np.float32)
         # Unbatched is the same queue with batches of one: one backend call per request.
@@ -67,15 +71,26 @@ class CxrPredictor:
 
     # ---- inference -------------------------------------------------------
     async def predict(self, image: np.ndarray) -> dict[str, Any]:
-        """(1, S, S) preprocessed image -> {"probabilities": [K], "batch_size", "model_ms"}."""
+        """(1, S, S) preprocessed image -> {"probabilities": [K], "label", "score", "flagged", "batch_size", "model_ms"}."""
         return await self._batcher.submit(image)
 
     async def _run_backend(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         batch = np.stack(images).astype(np.float32, copy=False)
         # The model thread keeps the event loop free to admit the next batch.
         probs, model_ms = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._timed_predict, batch)
+        decisions = self.card.decide(probs)
         n = len(images)
-        return [{"probabilities": row.tolist(), "batch_size": n, "model_ms": model_ms} for row in probs]
+        return [
+            {
+                "probabilities": [float(p) for p in decisions.probabilities[i]],
+                "label": decisions.labels[i],
+                "score": None if decisions.scores is None else float(decisions.scores[i]),
+                "flagged": None if decisions.flagged is None else bool(decisions.flagged[i]),
+                "batch_size": n,
+                "model_ms": model_ms,
+            }
+            for i in range(n)
+        ]
 
     def _timed_predict(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """On the model thread: (probabilities, ms in the backend), not counting the wait for the thread."""
@@ -90,15 +105,9 @@ class CxrPredictor:
 
     def _explain_sync(self, pixels: np.ndarray, method: str) -> str:
         """On the model thread (no lock needed): torch model + one Explainer per method, built on first use."""
-        import base64
-
-        from cxr_ray.explain.methods import Explainer
-        from cxr_ray.explain.overlay import overlay_png_bytes
 
         explainer = self._explainers.get(method)
         if explainer is None:
-            from cxr_ray.artifact import load_model
-
             if self._torch_model is None:
                 self._torch_model, _ = load_model(self.artifact)
             explainer = self._explainers[method] = Explainer(self._torch_model, self.card, method)
@@ -108,16 +117,10 @@ class CxrPredictor:
     def _explain_methods(self) -> list[str]:
         if not self.args.explain:
             return []
-        try:
-            from cxr_ray.explain.methods import supported_pairs
-        except ImportError:  # explain extras missing (captum): serve predictions only
-            return []
         return [method for arch, method in supported_pairs() if arch == self.card.arch]
 
     # ---- metadata / health -------------------------------------------------
     def info(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         out = card_summary(asdict(self.card))
         out["backend"] = self.backend.label
         out["batching"] = {

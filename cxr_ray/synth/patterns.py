@@ -266,10 +266,10 @@ class Pattern:
 
     def adjust_anatomy(self, anatomy: Anatomy) -> Anatomy:
         adjust = KINDS[self.kind].adjust
-        return adjust(anatomy) if adjust else anatomy
+        return adjust(anatomy) if adjust else anatomy  # type: ignore[operator]
 
     def render(self, scene: Scene, rng: np.random.Generator, visible: np.ndarray) -> LesionField:
-        field, mask = KINDS[self.kind].render(scene, rng, visible, self.variant)
+        field, mask = KINDS[self.kind].render(scene, rng, visible, self.variant)  # type: ignore[operator]
         return field.astype(np.float32, copy=False), np.asarray(mask, dtype=bool)
 
     def describe(self) -> str:

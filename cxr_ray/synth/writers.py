@@ -111,9 +111,9 @@ def sample_dicom_options(rng: np.random.Generator) -> DicomOptions:
 def _base_dataset(identity: DicomIdentity, sop_class: str, modality: str, syntax_uid: str) -> Dataset:
     sop_instance = identity.uid("sop")
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = syntax_uid
+    meta.MediaStorageSOPClassUID = sop_class  # type: ignore[assignment]
+    meta.MediaStorageSOPInstanceUID = sop_instance  # type: ignore[assignment]
+    meta.TransferSyntaxUID = syntax_uid  # type: ignore[assignment]
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"

@@ -7,14 +7,20 @@ that re-running the same command finds the same run to resume.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from cxr_ray.errors import UsageError
+from cxr_ray.io.storage import is_remote
+from cxr_ray.models.modes import TRAIN_MODES, TrainMode
+from cxr_ray.models.registry import get_arch
 
 SCHEDULES = ("cosine", "step", "none")
+CLASS_WEIGHTINGS = ("balanced", "none")
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_balanced_accuracy": "max", "val_auc": "max"}
 LABEL_SPACES = ("keep", "extend")
 # Fields that do not change what is trained: left out of the run-name hash.
@@ -23,55 +29,90 @@ _NOT_IN_RUN_KEY = frozenset(
 )
 
 
+def _flag(group: str, help: str, **more: Any) -> dict[str, Any]:
+    """Field metadata ``cxr-ray train`` turns into a flag (see :mod:`cxr_ray.commands.options`)."""
+    return {"group": group, "help": help, **more}
+
+
+DATA, MODEL, OPTIMISATION, RUN = "data", "model", "optimisation", "cluster and output"
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    arch: str
-    out: str
-    mode: str = "scratch"
-    init: str | None = None  # earlier CXR model (artifact or state dict): backbone + kept output neurons
-    pretrained: str | None = None  # ImageNet weights: "imagenet" or a path/URI of a state dict
-    label_space: str = "keep"
-    epochs: int = 10
-    image_size: int | None = None  # None: the architecture's default
-    batch_size: int = 32  # per worker
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    backbone_lr_factor: float = 0.1
-    finetune_blocks: int | None = None
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    step_size: int = 10  # epochs between decays (schedule "step")
-    gamma: float = 0.1
-    patience: int = 5  # early stopping: epochs without improvement; 0 = off
-    monitor: str = "val_loss"
-    precise_bn_images: int = 256  # re-estimate BatchNorm statistics on this many images per epoch; 0 = off
-    class_weighting: str = "balanced"  # "balanced" | "none"
-    augment: bool = True
-    hflip: bool = False
-    folds: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
-    positive_class: str | None = "auto"  # "auto": "covid" when that class exists
-    target_sensitivity: float = 0.95
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None  # None: 1 with GPUs, else the cluster's CPUs / workers
-    storage_path: str | None = None
-    run_name: str | None = None
-    max_failures: int = 1
-    seed: int = 0
-    s3_endpoint: str | None = None
-    pseudonym_key_env: str | None = None  # env var with the HMAC key for DICOM patient pseudonyms
-    n_bootstrap: int = 1000
-    fail_after_epoch: int | None = None  # fault injection for tests of resume
-    quiet: bool = False
-    extra: dict = field(default_factory=dict)
+    data: str = field(metadata=_flag(DATA, "folder tree root/<class>/<image> or a .csv/.parquet manifest "
+                                     "path,label[,patient_id] (local or s3://)", metavar="LABELS_OR_DIR"))
+    arch: str = field(metadata=_flag(MODEL, "architecture, e.g. mobilenet_v2, densenet121, vgg19, resnet50, "
+                                     "resnet18 (an unknown name lists all)"))
+    out: str = field(metadata=_flag(RUN, "artifact directory (local or s3://)", metavar="ARTIFACT_DIR"))
+    mode: str = field(default="scratch", metadata=_flag(
+        MODEL, "scratch: all weights from random init; frozen: train the head only; finetune: head + backbone at "
+        "a lower LR", choices=TRAIN_MODES))
+    # earlier CXR model (artifact or state dict): backbone + kept output neurons
+    init: str | None = field(default=None, metadata=_flag(
+        MODEL, "start from an earlier chest X-ray model (artifact or state dict): backbone + kept output neurons",
+        flags=("--init", "--init-from"), metavar="URI"))
+    pretrained: str | None = field(default=None, metadata=_flag(
+        MODEL, "ImageNet weights: 'imagenet' (download) or a state-dict path/URI", metavar="URI"))
+    label_space: str = field(default="keep", metadata=_flag(
+        MODEL, "with --init: keep = the data's classes; extend = source classes + the data's new ones (DETL)",
+        choices=LABEL_SPACES))
+    epochs: int = field(default=10, metadata=_flag(OPTIMISATION, "training epochs"))
+    image_size: int | None = field(default=None, metadata=_flag(
+        DATA, "square input size (default: the architecture's)", metavar="PX"))
+    batch_size: int = field(default=32, metadata=_flag(OPTIMISATION, "images per step per worker"))
+    lr: float = field(default=1e-3, metadata=_flag(OPTIMISATION, "AdamW learning rate of the head / whole model"))
+    weight_decay: float = field(default=1e-4, metadata=_flag(OPTIMISATION, "AdamW weight decay"))
+    backbone_lr_factor: float = field(default=0.1, metadata=_flag(MODEL, "finetune: backbone LR = lr x this"))
+    finetune_blocks: int | None = field(default=None, metadata=_flag(
+        MODEL, "finetune: train only the last N backbone stages", metavar="N"))
+    schedule: str = field(default="cosine", metadata=_flag(OPTIMISATION, "LR schedule after warmup",
+                                                           choices=SCHEDULES))
+    warmup_epochs: float = field(default=1.0, metadata=_flag(OPTIMISATION, "linear LR warmup in epochs"))
+    step_size: int = field(default=10, metadata=_flag(OPTIMISATION, "step schedule: epochs between decays"))
+    gamma: float = field(default=0.1, metadata=_flag(OPTIMISATION, "step schedule: decay factor"))
+    patience: int = field(default=5, metadata=_flag(
+        OPTIMISATION, "early stopping: epochs without improvement (0 = off)"))
+    monitor: str = field(default="val_loss", metadata=_flag(
+        OPTIMISATION, "validation metric for best epoch / early stopping", choices=tuple(MONITORS)))
+    precise_bn_images: int = field(default=256, metadata=_flag(
+        OPTIMISATION, "re-estimate BatchNorm statistics on N training images after each epoch (0 = off)",
+        metavar="N"))
+    class_weighting: str = field(default="balanced", metadata=_flag(
+        DATA, "loss weights against class imbalance", flag="--class-weights", choices=CLASS_WEIGHTINGS))
+    augment: bool = field(default=True, metadata=_flag(
+        DATA, "no training-time augmentation", flag="--no-augment", action="store_false"))
+    hflip: bool = field(default=False, metadata=_flag(
+        DATA, "also flip horizontally (off by default: anatomy is not symmetric)", action="store_true"))
+    folds: int = field(default=0, metadata=_flag(
+        DATA, "K-fold patient-level CV + a final model (0: one run)", metavar="K"))
+    val_fraction: float = field(default=0.15, metadata=_flag(DATA, "validation share of patients"))
+    test_fraction: float = field(default=0.2, metadata=_flag(DATA, "held-out test share of patients; 0 = none"))
+    positive_class: str | None = field(default="auto", metadata=_flag(
+        DATA, "class for the binary report and the operating threshold ('auto': covid when present; 'none')"))
+    target_sensitivity: float = field(default=0.95, metadata=_flag(
+        OPTIMISATION, "operating threshold: highest with this sensitivity on validation data"))
+    num_workers: int = field(default=1, metadata=_flag(RUN, "Ray Train workers (DDP)"))
+    use_gpu: bool = field(default=False, metadata=_flag(RUN, "one GPU per worker (AMP + channels_last)",
+                                                        action="store_true"))
+    cpus_per_worker: float | None = field(default=None, metadata=_flag(
+        RUN, "default: 1 with GPUs, else CPUs / workers"))
+    storage_path: str | None = field(default=None, metadata=_flag(
+        RUN, "Ray Train checkpoints (local or s3://; shared storage on multi-node clusters); default <out>.runs",
+        metavar="URI"))
+    run_name: str | None = field(default=None, metadata=_flag(
+        RUN, "Ray Train run name (default: derived from --out and the training config)"))
+    max_failures: int = field(default=1, metadata=_flag(RUN, "worker failures retried from the last checkpoint"))
+    seed: int = field(default=0, metadata=_flag(OPTIMISATION, "random seed"))
+    s3_endpoint: str | None = field(default=None, metadata={"shared": "s3_endpoint", "group": RUN})
+    # env var with the HMAC key for DICOM patient pseudonyms
+    pseudonym_key_env: str | None = field(default=None, metadata={"shared": "pseudonym_key_env", "group": DATA})
+    n_bootstrap: int = field(default=1000, metadata=_flag(RUN, "bootstrap resamples for 95%% CIs (0 = none)"))
+    # Fault injection for resume tests: the run raises after this epoch (not after a resume).
+    fail_after_epoch: int | None = field(default=None, metadata=_flag(RUN, argparse.SUPPRESS))
+    quiet: bool = field(default=False, metadata=_flag(RUN, "no progress lines on stderr", action="store_true"))
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from cxr_ray.models.registry import get_arch
-        from cxr_ray.models.transfer import TRAIN_MODES
-
         try:
             spec = get_arch(self.arch)
         except ValueError as exc:
@@ -94,8 +135,8 @@ class TrainConfig:
             raise UsageError(f"--schedule {self.schedule!r}: valid are {', '.join(SCHEDULES)}")
         if self.monitor not in MONITORS:
             raise UsageError(f"--monitor {self.monitor!r}: valid are {', '.join(MONITORS)}")
-        if self.class_weighting not in ("balanced", "none"):
-            raise UsageError(f"--class-weights {self.class_weighting!r}: valid are balanced, none")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise UsageError(f"--class-weights {self.class_weighting!r}: valid are {', '.join(CLASS_WEIGHTINGS)}")
         size = self.image_size or spec.default_image_size
         if size < spec.min_image_size:
             raise UsageError(f"--image-size {size}: {self.arch} needs at least {spec.min_image_size}")
@@ -113,16 +154,21 @@ class TrainConfig:
             raise UsageError("--val-fraction + --test-fraction leave too little to train on (keep them < 0.9)")
 
     @property
-    def resolved_image_size(self) -> int:
-        from cxr_ray.models.registry import get_arch
+    def train_mode(self) -> TrainMode:
+        """``mode``, checked (validate() refuses an unknown one with the valid names)."""
+        if self.mode not in TRAIN_MODES:
+            raise UsageError(f"--mode {self.mode!r}: valid modes are {', '.join(TRAIN_MODES)}")
+        return self.mode  # type: ignore[return-value]  # one of TRAIN_MODES, checked above
 
+    @property
+    def resolved_image_size(self) -> int:
         return int(self.image_size or get_arch(self.arch).default_image_size)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -142,13 +188,9 @@ class TrainConfig:
 
     def default_storage_path(self) -> str:
         """``<out>.runs`` next to the artifact: local, or on the same bucket (shared by all nodes)."""
-        from cxr_ray.io.storage import is_remote
-
         out = self.out.rstrip("/")
         return f"{out}.runs" if is_remote(out) else os.path.abspath(os.path.expanduser(out)) + ".runs"
 
 
 def _absolute(uri: str) -> str:
-    from cxr_ray.io.storage import is_remote
-
     return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))

@@ -12,75 +12,59 @@ operating threshold (the one chosen on validation data at training time).
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
+from cxr_ray.data.labelled import grouping_key, read_labelled
 from cxr_ray.errors import UsageError
-
-log = logging.getLogger(__name__)
-
-HEATMAP_GRID_FILE = "heatmaps.png"
-HEATMAPS_PER_CLASS = 2  # a handful of images: Grad-CAM costs a backward pass each
-GRID_DECODE_SIZE = 512  # decode hint for grid images: a figure cell is ~260 px wide
-
-
-def pick_samples(frame: pd.DataFrame, classes: list[str], per_class: int = HEATMAPS_PER_CLASS) -> list[tuple[str, str]]:
-    """``(path, class)`` of the first ``per_class`` rows of each class (by ``row_id`` when present):
-    the same images every time for the same data."""
-    if "row_id" in frame.columns:
-        frame = frame.sort_values("row_id")
-    out: list[tuple[str, str]] = []
-    for name in classes:
-        rows = frame[frame["label_name"] == name].head(per_class)
-        out += [(str(path), name) for path in rows["path"]]
-    return out
+from cxr_ray.evaluate.metrics import classification_report
+from cxr_ray.evaluate.report import (
+    HEATMAP_GRID_FILE,
+    ReportFigures,
+    headline,
+    pick_samples,
+    report_directory,
+    write_report,
+)
+from cxr_ray.models.artifact import load_model
+from cxr_ray.models.card import Decisions, ModelCard
+from cxr_ray.train.ingest import decode_dataset, deterministic_order, subset
+from cxr_ray.train.predict import predict_probs
+from cxr_ray.train.prepare import label_frame, undecodable_report
 
 
-def write_heatmap_grid(
-    model,
-    card,
-    samples: list[tuple[str, str]],
-    path: str,
-    *,
-    what: str,
-    s3_endpoint: str | None = None,
-    per_class: int = HEATMAPS_PER_CLASS,
-) -> dict:
-    """``heatmaps.png`` for a report: Grad-CAM of the predicted class on ``samples`` (a row per
-    class, each panel titled with its true and predicted class); ``what`` says which images
-    they are (figure title, and ``images`` in the returned record).
+def _decode_and_predict(frame: pd.DataFrame, model: nn.Module, card: ModelCard, data: str, *,
+                        s3_endpoint: str | None, use_gpu: bool, batch_size: int
+                        ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """(decodable rows, undecodable rows, predicted row ids, their probabilities), on the cluster."""
+    frame = label_frame(frame.reset_index(drop=True), list(card.classes))
+    with deterministic_order():
+        decoded, meta = decode_dataset(frame, dict(card.preprocessing), s3_endpoint=s3_endpoint,
+                                       pseudonym_key=grouping_key())
+    frame = frame.merge(meta[["row_id", "status", "error_code"]], on="row_id")
+    ok, bad = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    if ok.empty:
+        raise UsageError(f"{data}: none of the {len(frame)} files could be decoded")
+    row_ids, probs = predict_probs(subset(decoded, ok["row_id"].to_numpy()), model.state_dict(), card.arch,
+                                   len(card.classes), use_gpu=use_gpu, batch_size=batch_size)
+    return ok, bad, row_ids, probs
 
-    A report is worth having without it: any failure is logged as a warning and returned as
-    ``{"error": ...}``, never raised. An image that no longer decodes is left out.
-    """
-    from cxr_ray.explain.overlay import heatmap_grid
-    from cxr_ray.io.decode import decode_image
-    from cxr_ray.io.storage import read_bytes
 
-    try:
-        images = []
-        for uri, label in samples:
-            try:
-                data = read_bytes(uri, s3_endpoint=s3_endpoint)
-                target = max(GRID_DECODE_SIZE, card.image_size)
-                images.append((decode_image(data, os.path.basename(uri), target_size=target).pixels, label))
-            except Exception as exc:  # noqa: BLE001 - one unreadable image: a gap in the grid
-                log.warning("heatmap grid: an image was left out (%s)", type(exc).__name__)
-        if not images:
-            raise ValueError(f"none of the {len(samples)} sample images could be read")
-        summary = heatmap_grid(model, card, images, path, method="gradcam", per_class=per_class,
-                               target="predicted", title=f"{card.name} ({card.arch}): Grad-CAM of the predicted class, {what}")
-    except Exception as exc:  # noqa: BLE001 - the grid is optional; the report is not
-        log.warning("heatmap grid not written: %s: %s", type(exc).__name__, exc)
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"file": HEATMAP_GRID_FILE, "method": "gradcam", "target": "predicted class", "images": what,
-            "per_class": summary["per_class"], "cells": summary["cells"]}
+def _predictions(rows: pd.DataFrame, card: ModelCard, decisions: Decisions) -> pd.DataFrame:
+    """``predictions.csv``: path, label, prob_<class>, predicted_label (and score, flagged)."""
+    predictions = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_name"].to_numpy()})
+    for i, name in enumerate(card.classes):
+        predictions[f"prob_{name}"] = decisions.probabilities[:, i]
+    predictions["predicted_label"] = decisions.labels
+    if decisions.scores is not None:
+        predictions["score"] = decisions.scores
+        predictions["flagged"] = decisions.flagged
+    return predictions
 
 
 def evaluate_artifact(
@@ -93,46 +77,22 @@ def evaluate_artifact(
     seed: int = 0,
     use_gpu: bool = False,
     batch_size: int = 64,
-) -> dict:
-    from cxr_ray.artifact import load_model
-    from cxr_ray.data.labelled import grouping_key, read_labelled
-    from cxr_ray.evaluate.metrics import classification_report
-    from cxr_ray.evaluate.plots import plot_confusion, plot_roc
-    from cxr_ray.io.storage import get_filesystem, is_remote
-    from cxr_ray.train.ingest import decode_dataset, deterministic_order, subset
-    from cxr_ray.train.predict import predict_probs
-
+) -> dict[str, Any]:
+    """Metrics, predictions and plots of the artifact at ``model_uri`` on the labelled set ``data``, at ``out``."""
     started = time.perf_counter()
     model, card = load_model(model_uri, s3_endpoint=s3_endpoint)
     source = read_labelled(data, s3_endpoint=s3_endpoint, classes=list(card.classes))
-    frame = source.frame.reset_index(drop=True)
-    frame["row_id"] = np.arange(len(frame), dtype=np.int64)
-    frame["label_name"] = frame["label"]
-    frame["label"] = frame["label_name"].map({c: i for i, c in enumerate(card.classes)}).astype(np.int64)
-    with deterministic_order():
-        decoded, meta = decode_dataset(frame, card.preprocessing, s3_endpoint=s3_endpoint, pseudonym_key=grouping_key())
-    frame = frame.merge(meta[["row_id", "status", "error_code"]], on="row_id")
-    ok = frame[frame["status"] == "ok"]
-    bad = frame[frame["status"] != "ok"]
-    if ok.empty:
-        raise UsageError(f"{data}: none of the {len(frame)} files could be decoded")
-    state = model.state_dict()
-    row_ids, probs = predict_probs(subset(decoded, ok["row_id"].to_numpy()), state, card.arch, len(card.classes),
-                                   use_gpu=use_gpu, batch_size=batch_size)
+    ok, bad, row_ids, probs = _decode_and_predict(source.frame, model, card, data, s3_endpoint=s3_endpoint,
+                                                  use_gpu=use_gpu, batch_size=batch_size)
     rows = ok.set_index("row_id").loc[row_ids]
     labels = rows["label"].to_numpy()
     threshold = card.threshold if card.positive_class else None
-    report = classification_report(labels, probs, list(card.classes), positive_class=card.positive_class,
-                                   threshold=threshold, n_bootstrap=n_bootstrap, seed=seed)
-
-    predictions = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_name"].to_numpy()})
-    for i, name in enumerate(card.classes):
-        predictions[f"prob_{name}"] = probs[:, i]
-    predictions["predicted_label"] = [card.classes[i] for i in probs.argmax(1)]
-    if card.positive_class:
-        predictions["score"] = probs[:, card.positive_index]
-        predictions["flagged"] = predictions["score"] >= card.threshold
-
+    decisions = card.decide(probs)
+    report = classification_report(labels, decisions.probabilities, list(card.classes),
+                                   positive_class=card.positive_class, threshold=threshold,
+                                   n_bootstrap=n_bootstrap, seed=seed)
+    predictions = _predictions(rows, card, decisions)
+    undecodable = undecodable_report(bad)
     document = {
         "report": report,
         "model": {"uri": model_uri, "name": card.name, "version": card.version, "arch": card.arch,
@@ -142,30 +102,17 @@ def evaluate_artifact(
             "source": data,
             "listing": source.report,
             "evaluated": int(len(ok)),
-            "undecodable": {"count": int(len(bad)),
-                            "by_code": {str(k): int(v) for k, v in bad["error_code"].value_counts().sort_index().items()}},
+            "undecodable": {k: undecodable[k] for k in ("count", "by_code")},
         },
     }
-    remote = is_remote(out)
-    local = tempfile.mkdtemp(prefix="cxr-evaluate-") if remote else os.path.abspath(os.path.expanduser(out))
-    os.makedirs(local, exist_ok=True)
-    document["heatmaps"] = write_heatmap_grid(model, card, pick_samples(rows.reset_index(), list(card.classes)),
-                                              os.path.join(local, HEATMAP_GRID_FILE), what="evaluated images",
-                                              s3_endpoint=s3_endpoint)
-    with open(os.path.join(local, "metrics.json"), "w") as handle:
-        json.dump(document, handle, indent=2, sort_keys=True)
-    predictions.to_csv(os.path.join(local, "predictions.csv"), index=False, float_format="%.9g")
-    plot_roc(labels, probs, list(card.classes), os.path.join(local, "roc.png"))
-    plot_confusion(report["confusion_matrix"], list(card.classes), os.path.join(local, "confusion.png"))
-    if remote:
-        import shutil
-
-        fs, root = get_filesystem(out, s3_endpoint)
-        fs.put(local.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
-        shutil.rmtree(local, ignore_errors=True)
-
-    from cxr_ray.train.runner import headline
-
+    with report_directory(out, s3_endpoint, prefix="cxr-evaluate-") as local:
+        predictions.to_csv(os.path.join(local, "predictions.csv"), index=False, float_format="%.9g")
+        document, _ = write_report(
+            local, document, model=model, card=card,
+            figures=ReportFigures(labels=labels, probs=decisions.probabilities, confusion=report["confusion_matrix"]),
+            heatmap_samples=("evaluated images", pick_samples(rows.reset_index(), list(card.classes))),
+            s3_endpoint=s3_endpoint,
+        )
     return {
         "out": out,
         "model": {"name": card.name, "version": card.version},

@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data import DataContext
 
 from cxr_ray.data.labelled import decode_batch, grouping_key
 
@@ -36,7 +41,6 @@ def deterministic_order():
     Together with the seeded row shuffle and local shuffle this makes a run
     repeatable, and a resumed run sees the same data order as the original.
     """
-    from ray.data import DataContext
 
     options = DataContext.get_current().execution_options
     saved = options.preserve_order
@@ -54,7 +58,7 @@ def _blocks(frame: pd.DataFrame, rows_per_block: int) -> list[pd.DataFrame]:
 
 def decode_dataset(
     frame: pd.DataFrame,
-    preprocessing: dict,
+    preprocessing: dict[str, Any],
     *,
     s3_endpoint: str | None = None,
     pseudonym_key: bytes | None = None,
@@ -65,11 +69,10 @@ def decode_dataset(
     Returns ``(dataset, meta)``: the materialized dataset (``row_id``,
     ``label``, ``image`` and the metadata columns) and the metadata as pandas.
     """
-    import ray
 
     source = ray.data.from_pandas(_blocks(frame[["row_id", "path", "label"]].reset_index(drop=True), rows_per_block))
     decoded = source.map_batches(
-        decode_batch,
+        decode_batch,  # type: ignore[arg-type]
         fn_kwargs={"preprocessing": preprocessing, "s3_endpoint": s3_endpoint, "pseudonym_key": pseudonym_key or grouping_key()},
         batch_size=8,
         batch_format="numpy",
@@ -83,8 +86,6 @@ def subset(decoded, row_ids, *, columns: list[str] = TENSOR_COLUMNS):
 
     Filtered as Arrow tables so that blocks left empty keep the tensor column type.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     ids = pa.array(np.unique(np.asarray(list(row_ids), dtype=np.int64)))
 

@@ -13,15 +13,15 @@ fresh process) and the network is built once per worker process, not per batch.
 from __future__ import annotations
 
 import numpy as np
+import ray
 import torch
+
+from cxr_ray.models.build import build_model
 
 _CACHE: dict[str, tuple[torch.nn.Module, torch.device]] = {}  # one model per worker process
 
 
 def _model(state_ref, arch: str, num_classes: int, use_gpu: bool) -> tuple[torch.nn.Module, torch.device]:
-    import ray
-
-    from cxr_ray.models.registry import build_model
 
     key = f"{state_ref.hex()}:{arch}:{num_classes}:{use_gpu}"
     if key not in _CACHE:
@@ -53,7 +53,6 @@ def predict_probs(
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(row_ids, probs)`` sorted by row id, for every row of ``dataset``."""
-    import ray
 
     state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
     predicted = dataset.select_columns(["row_id", "image"]).map_batches(

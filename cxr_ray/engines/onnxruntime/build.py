@@ -1,12 +1,9 @@
-"""ONNX export of an artifact's network, verified against PyTorch before it is trusted.
+"""ONNX export of an artifact's network, verified with ONNX Runtime against PyTorch before it is trusted.
 
-The graph's contract, shared by every backend:
-
-* input ``image``: float32 (N, 1, S, S), the output of :func:`cxr_ray.preprocess.preprocess`,
-  with a dynamic batch axis and a fixed image size S (the card's ``image_size``);
-* output ``probabilities``: float32 (N, K), rows summing to 1. The softmax is
-  *inside* the graph, so torch, ONNX Runtime and TensorRT all return the same
-  quantity and no caller re-implements the head.
+The graph follows :mod:`cxr_ray.engines.contract` (``image`` -> ``probabilities``,
+softmax inside); TensorRT builds its plans from the same graph
+(:func:`ensure_onnx`). :func:`provision` is the ONNX Runtime engine's entry in
+the registry.
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It is
 deprecated since torch 2.9 but still present in 2.14, exports all nine
@@ -33,30 +30,39 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from cxr_ray.artifact import (
+from cxr_ray.engines.cache import card_lock, file_lock
+from cxr_ray.engines.contract import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    VERIFY_BATCH_SIZES,
+    fp32_reference,
+    max_abs_diff_vs_fp32,
+    tolerance,
+)
+from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend, create_session
+from cxr_ray.engines.registry import get_engine
+from cxr_ray.engines.request import EngineRequest
+from cxr_ray.errors import ArtifactError, UsageError
+from cxr_ray.models.artifact import (
     CARD_FILE,
     ONNX_FILE,
-    ModelCard,
+    cache_root,
     load_card,
     load_model,
     sha256_file,
     write_card,
 )
-from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
+from cxr_ray.models.card import ModelCard, OnnxRecord
+from cxr_ray.optional import ONNXSCRIPT_HINT, require
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
 # TensorRT 10's ONNX parser supports opsets 9-20; 17 is what its docs and samples use.
 DEFAULT_OPSET = 17
-# On probabilities in [0, 1]: fp32 CPU kernels differ from eager in the last few bits only.
-DEFAULT_ATOL = 1e-4
-VERIFY_BATCH_SIZES = (1, 3)
+DEFAULT_ATOL = tolerance("onnxruntime", "fp32")
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -86,7 +92,7 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         self.register_buffer("cols", _pool_matrix(input_size[1], output_size[1]).t().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(torch.matmul(self.rows, x), self.cols)
+        return torch.matmul(torch.matmul(self.rows, x), self.cols)  # type: ignore[arg-type]
 
 
 def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -109,9 +115,8 @@ def make_exportable(model: nn.Module, image_size: int) -> nn.Module:
     hooks = []
     for name, module in model.named_modules():
         if type(module) is nn.AdaptiveAvgPool2d:
-
             def record(mod, args, name=name):
-                seen[name] = tuple(int(v) for v in args[0].shape[-2:])
+                seen[name] = tuple(int(v) for v in args[0].shape[-2:])  # type: ignore[assignment]
 
             hooks.append(module.register_forward_pre_hook(record))
     if not hooks:
@@ -125,7 +130,7 @@ def make_exportable(model: nn.Module, image_size: int) -> nn.Module:
     replacements = {}
     for name, (height, width) in seen.items():
         size = model.get_submodule(name).output_size
-        out_h, out_w = (size, size) if isinstance(size, int) else size
+        out_h, out_w = (size, size) if isinstance(size, int) else size  # type: ignore[misc]
         out_h, out_w = out_h or height, out_w or width
         if height % out_h or width % out_w:
             replacements[name] = FixedAdaptiveAvgPool2d((height, width), (out_h, out_w))
@@ -152,17 +157,14 @@ def export_model(
     wrapped = ProbabilityModel(make_exportable(model.eval(), image_size)).eval()
     example = (torch.zeros(2, 1, image_size, image_size),)  # batch 2: never specialise on 1
     if exporter == "dynamo":
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "the dynamo ONNX exporter needs onnxscript: pip install onnxscript"
-            ) from exc
+        require("onnxscript", ONNXSCRIPT_HINT)
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.onnx.export(
             wrapped, example, dynamo=True, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
         )
+        if program is None:
+            raise ExportVerificationError("the dynamo exporter returned no program")
         program.save(os.fspath(path))
         return
     with warnings.catch_warnings():
@@ -183,18 +185,6 @@ def export_model(
         )
 
 
-def sample_inputs(image_size: int, batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES, seed: int = 0) -> list[np.ndarray]:
-    """Deterministic standard-normal batches: what standardised images look like to the network."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((n, 1, image_size, image_size), dtype=np.float32) for n in batch_sizes]
-
-
-def torch_probabilities(model: nn.Module, batch: np.ndarray) -> np.ndarray:
-    """Reference output: eager PyTorch, fp32, CPU."""
-    with torch.inference_mode():
-        return torch.softmax(model(torch.from_numpy(batch)).float(), dim=1).numpy()
-
-
 def verify_onnx(
     model: nn.Module,
     onnx_path: str | os.PathLike,
@@ -203,8 +193,6 @@ def verify_onnx(
     batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES,
 ) -> float:
     """Max abs difference of ONNX Runtime (CPU) vs eager PyTorch probabilities on sample batches."""
-    from cxr_ray.backends.onnxruntime_backend import create_session
-
     # Same CPU thread budget as the PyTorch reference (torch.set_num_threads is respected).
     session = create_session(onnx_path, device="cpu", num_threads=torch.get_num_threads())
     declared = {i.name: i.shape for i in session.get_inputs()}
@@ -213,17 +201,17 @@ def verify_onnx(
         raise ExportVerificationError(
             f"{onnx_path}: inputs {declared}; expected {INPUT_NAME!r} of shape (batch, 1, {image_size}, {image_size})"
         )
-    worst = 0.0
-    for batch in sample_inputs(image_size, batch_sizes):
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-        expected = torch_probabilities(model, batch)
-        if got.shape != expected.shape:
-            raise ExportVerificationError(f"{onnx_path}: output shape {got.shape}, PyTorch gives {expected.shape}")
-        worst = max(worst, float(np.max(np.abs(got - expected))))
-    return worst
+
+    def run(batch):
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    try:
+        return max_abs_diff_vs_fp32(run, fp32_reference(model), image_size, batch_sizes=batch_sizes, what=str(onnx_path))
+    except ValueError as exc:  # the graph's output shape is not the model's
+        raise ExportVerificationError(str(exc)) from None
 
 
-def _local_artifact(artifact_dir: str | os.PathLike) -> Path:
+def local_artifact(artifact_dir: str | os.PathLike) -> Path:
     text = os.fspath(artifact_dir)
     if "://" in text and not text.startswith("file://"):
         raise UsageError(
@@ -234,6 +222,22 @@ def _local_artifact(artifact_dir: str | os.PathLike) -> Path:
     if not (path / CARD_FILE).is_file():
         raise ArtifactError(f"{text}: not a model artifact (no {CARD_FILE})")
     return path
+
+
+def _export_verified(
+    model: nn.Module, card: ModelCard, tmp: Path, *, opset: int, exporter: str, verify: bool, atol: float, where: Path
+) -> OnnxRecord:
+    """Export to ``tmp``, compare with PyTorch (unless ``verify`` is off) and return the card's record."""
+    export_model(model, card.image_size, tmp, opset=opset, exporter=exporter)
+    diff = verify_onnx(model, tmp, card.image_size) if verify else None
+    if diff is not None:
+        log.info("ONNX export of %s: max abs diff vs PyTorch %.3g", card.name, diff)
+        if diff > atol:
+            raise ExportVerificationError(
+                f"{where}: ONNX Runtime and PyTorch disagree by {diff:.3g} (> atol {atol:.3g}) "
+                f"on sample batches of {list(VERIFY_BATCH_SIZES)}; model.onnx was not written"
+            )
+    return onnx_record(tmp, card, opset=opset, max_abs_diff=diff, atol=atol if verify else None, exporter=exporter)
 
 
 def export_onnx(
@@ -252,22 +256,11 @@ def export_onnx(
     written. Returns the record stored as the card's ``onnx`` field plus
     ``path``.
     """
-    from cxr_ray.export.engine_cache import card_lock
-
-    root = _local_artifact(artifact_dir)
+    root = local_artifact(artifact_dir)
     model, card = load_model(str(root))
     tmp = root / f".{ONNX_FILE}.tmp-{os.getpid()}"
     try:
-        export_model(model, card.image_size, tmp, opset=opset, exporter=exporter)
-        diff = verify_onnx(model, tmp, card.image_size) if verify else None
-        if diff is not None:
-            log.info("ONNX export of %s: max abs diff vs PyTorch %.3g", card.name, diff)
-            if diff > atol:
-                raise ExportVerificationError(
-                    f"{root}: ONNX Runtime and PyTorch disagree by {diff:.3g} (> atol {atol:.3g}) "
-                    f"on sample batches of {list(VERIFY_BATCH_SIZES)}; model.onnx was not written"
-                )
-        record = onnx_record(tmp, card, opset=opset, max_abs_diff=diff, atol=atol if verify else None, exporter=exporter)
+        record = _export_verified(model, card, tmp, opset=opset, exporter=exporter, verify=verify, atol=atol, where=root)
         with card_lock(root):
             os.replace(tmp, root / ONNX_FILE)
             fresh = load_card(str(root))
@@ -287,73 +280,79 @@ def onnx_record(
     max_abs_diff: float | None,
     atol: float | None,
     exporter: str,
-) -> dict:
-    return {
-        "file": ONNX_FILE,
-        "sha256": sha256_file(path),
-        "opset": opset,
-        "max_abs_diff": max_abs_diff,
-        "atol": atol,
-        "verified_batch_sizes": list(VERIFY_BATCH_SIZES) if max_abs_diff is not None else [],
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": INPUT_NAME,
-        "input_shape": ["batch", 1, card.image_size, card.image_size],
-        "output": OUTPUT_NAME,
-        "output_shape": ["batch", len(card.classes)],
-        "image_size": card.image_size,
-        "model_version": card.version,
-        "exporter": exporter,
-        "torch_version": torch.__version__,
-    }
+) -> OnnxRecord:
+    return OnnxRecord(
+        file=ONNX_FILE,
+        sha256=sha256_file(path),
+        opset=opset,
+        max_abs_diff=max_abs_diff,
+        atol=atol,
+        verified_batch_sizes=list(VERIFY_BATCH_SIZES) if max_abs_diff is not None else [],
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        input=INPUT_NAME,
+        input_shape=["batch", 1, card.image_size, card.image_size],
+        output=OUTPUT_NAME,
+        output_shape=["batch", len(card.classes)],
+        image_size=card.image_size,
+        model_version=card.version,
+        exporter=exporter,
+        torch_version=torch.__version__,
+    )
+
+
+def _recorded_onnx(root: Path, record: OnnxRecord, version: str) -> tuple[Path, str]:
+    path = root / record.get("file", ONNX_FILE)
+    if not path.is_file():
+        raise ArtifactError(f"{root}: model.json records {record.get('file')} but the file is missing")
+    recorded_for = record.get("model_version")
+    if recorded_for and version and recorded_for != version:
+        raise ArtifactError(
+            f"{root}: model.onnx was exported from version {recorded_for}, the weights are version "
+            f"{version}; re-run `cxr-ray export --format onnx`"
+        )
+    if not record.get("sha256"):
+        raise ArtifactError(f"{root}: model.json records model.onnx without a sha256")
+    return path, record["sha256"]
 
 
 def ensure_onnx(root: Path, card: ModelCard, *, opset: int = DEFAULT_OPSET) -> tuple[Path, str]:
     """The artifact's ONNX graph and its sha256, exporting one into the local cache if it has none.
 
     A recorded ``model.onnx`` is used as is (its sha256 is checked by the
-    backend that loads it); an artifact without one gets a verified export in
+    engine that loads it); an artifact without one gets a verified export in
     ``$CXR_RAY_CACHE/onnx/<version>-<size>/`` (default ``~/.cache/cxr-ray``),
     built once per node under a file lock. The artifact itself is not touched.
     """
-    from cxr_ray.export.engine_cache import file_lock
-
     if card.onnx:
-        path = root / card.onnx.get("file", ONNX_FILE)
-        if not path.is_file():
-            raise ArtifactError(f"{root}: model.json records {card.onnx.get('file')} but the file is missing")
-        recorded_for = card.onnx.get("model_version")
-        if recorded_for and card.version and recorded_for != card.version:
-            raise ArtifactError(
-                f"{root}: model.onnx was exported from version {recorded_for}, the weights are version "
-                f"{card.version}; re-run `cxr-ray export --format onnx`"
-            )
-        if not card.onnx.get("sha256"):
-            raise ArtifactError(f"{root}: model.json records model.onnx without a sha256")
-        return path, card.onnx["sha256"]
-
-    cache_root = Path(os.environ.get("CXR_RAY_CACHE", Path.home() / ".cache" / "cxr-ray"))
-    directory = cache_root / "onnx" / f"{card.version or 'unversioned'}-{card.image_size}-op{opset}"
+        return _recorded_onnx(root, card.onnx, card.version)
+    directory = cache_root() / "onnx" / f"{card.version or 'unversioned'}-{card.image_size}-op{opset}"
     directory.mkdir(parents=True, exist_ok=True)
     path, sidecar = directory / ONNX_FILE, directory / "onnx.json"
     with file_lock(directory / ".lock"):
         if path.is_file() and sidecar.is_file():
-            record = json.loads(sidecar.read_text())
-            if record.get("sha256") == sha256_file(path):
-                return path, record["sha256"]
+            cached = json.loads(sidecar.read_text())
+            if cached.get("sha256") == sha256_file(path):
+                return path, cached["sha256"]
         model, card = load_model(str(root))
         tmp = directory / f".{ONNX_FILE}.tmp-{os.getpid()}"
         try:
-            export_model(model, card.image_size, tmp, opset=opset)
-            diff = verify_onnx(model, tmp, card.image_size)
-            if diff > DEFAULT_ATOL:
-                raise ExportVerificationError(
-                    f"{root}: ONNX Runtime and PyTorch disagree by {diff:.3g} (> atol {DEFAULT_ATOL:.3g})"
-                )
-            record = onnx_record(tmp, card, opset=opset, max_abs_diff=diff, atol=DEFAULT_ATOL, exporter="torchscript")
+            record = _export_verified(model, card, tmp, opset=opset, exporter="torchscript", verify=True,
+                                      atol=DEFAULT_ATOL, where=root)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         sidecar.write_text(json.dumps(record, indent=2))
-        log.info("exported %s to the ONNX cache %s (max abs diff %.3g)", card.name, path, diff)
+        log.info("exported %s to the ONNX cache %s (max abs diff %.3g)", card.name, path, record["max_abs_diff"])
         return path, record["sha256"]
+
+
+def provision(root: Path, card: ModelCard, request: EngineRequest) -> OnnxRuntimeBackend:
+    """The ONNX Runtime engine for the artifact: its graph (exported into the cache if need be), sha-checked."""
+    get_engine("onnxruntime").resolve_precision(request.precision, on_cpu=True)
+    onnx_path, onnx_sha256 = ensure_onnx(root, card)
+    device = "cpu" if request.auto and request.device is None else request.device
+    return OnnxRuntimeBackend(
+        onnx_path, card.classes, card.image_size, device=device, num_threads=request.num_threads,
+        expected_sha256=onnx_sha256,
+    )

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the fastest engine measured on CPU, and the default where TensorRT is absent.
+"""ONNX Runtime runtime: the fastest engine measured on CPU, and the default where TensorRT is absent.
 
 Session settings (measured with ``cxr-ray bench backends``):
 
@@ -13,17 +13,15 @@ Session settings (measured with ``cxr-ray bench backends``):
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
-from cxr_ray.backends.base import Backend, InputSpec
+from cxr_ray.engines.base import Backend, InputSpec
+from cxr_ray.engines.cache import read_verified
+from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
 from cxr_ray.errors import ArtifactError, BackendUnavailableError
-
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
 
 
 def available_cpus() -> int:
@@ -34,9 +32,7 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(num_threads: int | None = None):
-    import onnxruntime as ort
-
+def session_options(num_threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -46,10 +42,8 @@ def session_options(num_threads: int | None = None):
     return options
 
 
-def providers_for(device: str | None) -> list:
+def providers_for(device: str | None) -> list[str | tuple[str, dict[str, int]]]:
     """ONNX Runtime execution providers for ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (CUDA if installed)."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if device is None:
         device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
@@ -71,10 +65,8 @@ def create_session(
     *,
     device: str | None = "cpu",
     num_threads: int | None = None,
-):
+) -> ort.InferenceSession:
     """An ``InferenceSession`` with the settings above, from a path or the model's bytes."""
-    import onnxruntime as ort
-
     model = onnx if isinstance(onnx, bytes) else os.fspath(onnx)
     return ort.InferenceSession(model, session_options(num_threads), providers=providers_for(device))
 
@@ -94,14 +86,7 @@ class OnnxRuntimeBackend(Backend):
         num_threads: int | None = None,
         expected_sha256: str | None = None,
     ) -> None:
-        data = Path(onnx_path).read_bytes()
-        if expected_sha256 is not None:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != expected_sha256:
-                raise ArtifactError(
-                    f"{onnx_path}: sha256 {actual[:16]}... does not match the recorded {expected_sha256[:16]}...; "
-                    "refusing to load a modified model"
-                )
+        data = read_verified(onnx_path, expected_sha256, what="ONNX graph", remedy="refusing to load a modified model")
         self.session = create_session(data, device=device, num_threads=num_threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]

@@ -1,27 +1,66 @@
-"""TensorRT backend: a verified plan from the artifact's ``engines/``, run with ``execute_async_v3``.
+"""TensorRT runtime: a verified plan from the artifact's ``engines/``, run with ``execute_async_v3``.
 
 The plan's bytes are checked against the sha256 recorded in ``model.json``
-before TensorRT sees them (:func:`cxr_ray.export.engine_cache.verify_engine_file`).
+before TensorRT sees them (:func:`cxr_ray.engines.cache.verify_engine_file`).
 Device buffers for the profile's largest batch are allocated once (torch CUDA
 tensors) and bound with ``set_tensor_address``; host staging buffers are
 pinned so the copies are asynchronous on the backend's CUDA stream. Batches
 larger than the profile's maximum are run in chunks, batches smaller than its
 minimum are padded. ``predict`` is serialised by a lock: one execution context
 has one set of buffers.
+
+``tensorrt`` itself is imported only when a backend is built
+(:func:`import_tensorrt`, through :func:`cxr_ray.optional.require`), so this
+module imports on a CPU-only machine.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from functools import lru_cache
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import torch
 
-from cxr_ray.backends.base import Backend, InputSpec
-from cxr_ray.errors import ArtifactError
+from cxr_ray.engines.base import Backend, InputSpec
+from cxr_ray.engines.cache import verify_engine_file
+from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
+from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
+from cxr_ray.optional import TENSORRT_HINT, available, require
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
+TRT_INSTALL_HINT = TENSORRT_HINT
+
+
+def import_tensorrt() -> ModuleType:
+    """``tensorrt`` (>= 10), or :class:`BackendUnavailableError` saying how to install it."""
+    return require("tensorrt", TENSORRT_HINT, min_major=10)
+
+
+def tensorrt_available() -> bool:
+    """TensorRT importable and a CUDA GPU visible (what ``auto`` backend selection asks)."""
+    return available("tensorrt") and torch.cuda.is_available()
+
+
+@lru_cache(maxsize=1)
+def trt_logger() -> Any:
+    """One process-wide TensorRT logger (TensorRT expects a single logger per process)."""
+    trt = import_tensorrt()
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def cuda_device(device: str | int | None) -> torch.device:
+    """``torch.device("cuda", index)`` for None / N / "cuda" / "cuda:N"; refuses CPU and GPU-less machines."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("TensorRT needs a CUDA GPU; torch sees none")
+    if isinstance(device, str):
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise UsageError(f"TensorRT runs on CUDA devices only, got {device!r}")
+        return torch.device("cuda", dev.index or 0)
+    return torch.device("cuda", device or 0)
 
 
 class TensorRTBackend(Backend):
@@ -38,10 +77,6 @@ class TensorRTBackend(Backend):
         device: str | int | None = None,
         precision: str | None = None,
     ) -> None:
-        import torch
-
-        from cxr_ray.export.tensorrt import cuda_device, import_tensorrt, trt_logger
-
         trt = import_tensorrt()
         self.device = cuda_device(device)  # torch.device("cuda", N); refuses CPU / no GPU
         torch.cuda.set_device(self.device)
@@ -92,13 +127,9 @@ class TensorRTBackend(Backend):
         precision: str | None = None,
     ) -> TensorRTBackend:
         """Check the plan against its recorded sha256, then deserialise it."""
-        from cxr_ray.export.engine_cache import verify_engine_file
-
         return cls(verify_engine_file(path, sha256), classes, image_size, device=device, precision=precision)
 
     def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        import torch
-
         n = len(chunk)
         run = max(n, self.min_batch)
         self._h_input[:n].numpy()[...] = chunk

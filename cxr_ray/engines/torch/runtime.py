@@ -1,4 +1,4 @@
-"""PyTorch backend: the reference implementation, and the one to use where nothing else is installed.
+"""PyTorch runtime: the reference implementation, and the one to use where nothing else is installed.
 
 * ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
 * ``channels_last`` (default on): NHWC weights and activations, the layout
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr_ray.backends.base import Backend, InputSpec
+from cxr_ray.engines.base import Backend, InputSpec
+from cxr_ray.engines.contract import fp32_reference, max_abs_diff_vs_fp32
 from cxr_ray.errors import BackendUnavailableError
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -119,16 +120,11 @@ class TorchBackend(Backend):
         For a reduced precision the fp32 reference is computed on the same device
         with the same weights, so the check measures the precision alone.
         """
-        from cxr_ray.errors import BackendUnavailableError
-        from cxr_ray.export.onnx import sample_inputs
-
         worst = 0.0
         if self.precision != "fp32":
-            with torch.inference_mode():
-                for batch in sample_inputs(self.input_spec.image_size, batch_sizes):
-                    x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.memory_format)
-                    expected = torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
-                    worst = max(worst, float(np.max(np.abs(self.predict(batch) - expected))))
+            reference = fp32_reference(self.model, self.device, self.memory_format)
+            worst = max_abs_diff_vs_fp32(self.predict, reference, self.input_spec.image_size,
+                                         batch_sizes=batch_sizes, what=f"torch {self.precision}")
         self.verified_max_abs_diff = worst
         if worst > atol:
             raise BackendUnavailableError(

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,65 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cxr_ray.errors import ArtifactError
-from cxr_ray.preprocess import PreprocessConfig
+from cxr_ray.io.storage import get_filesystem
+from cxr_ray.models.build import build_model
+from cxr_ray.models.card import ModelCard
 
-SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 ENGINES_DIR = "engines"
-
-
-@dataclass
-class ModelCard:
-    """Contents of ``model.json``."""
-
-    name: str
-    arch: str
-    classes: list[str]
-    preprocessing: dict
-    positive_class: str | None = None
-    # {"positive": float, "target_sensitivity": float, "chosen_on": "validation"}
-    thresholds: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
-    data_fingerprint: str | None = None
-    version: str = ""
-    created_at: str = ""
-    schema_version: int = SCHEMA_VERSION
-    onnx: dict | None = None  # {"file", "sha256", "opset", "max_abs_diff"}
-    engines: list[dict] = field(default_factory=list)  # {"file", "key", "sha256", ...}
-
-    @property
-    def preprocess_config(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.preprocessing)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.preprocessing["image_size"])
-
-    @property
-    def threshold(self) -> float:
-        """Operating threshold on the positive-class score (0.5 when none was chosen)."""
-        return float(self.thresholds.get("positive", 0.5))
-
-    @property
-    def positive_index(self) -> int | None:
-        return self.classes.index(self.positive_class) if self.positive_class in self.classes else None
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["image_size"] = self.image_size  # convenience for readers of the card
-        return json.dumps(data, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelCard:
-        if int(data.get("schema_version", 0)) != SCHEMA_VERSION:
-            raise ArtifactError(
-                f"model.json schema_version {data.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
-            )
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -131,6 +79,11 @@ def write_card(directory: str | os.PathLike, card: ModelCard) -> None:
     os.replace(tmp, out / CARD_FILE)
 
 
+def cache_root() -> Path:
+    """``$CXR_RAY_CACHE`` (default ``~/.cache/cxr-ray``): local copies of remote artifacts, ONNX exports."""
+    return Path(os.environ.get("CXR_RAY_CACHE", Path.home() / ".cache" / "cxr-ray"))
+
+
 def localize(uri: str, s3_endpoint: str | None = None) -> Path:
     """A local directory holding the artifact: the path itself, or a cached copy of s3://.
 
@@ -143,19 +96,17 @@ def localize(uri: str, s3_endpoint: str | None = None) -> Path:
         if not (path / CARD_FILE).is_file():
             raise ArtifactError(f"{uri}: not a model artifact (no {CARD_FILE})")
         return path
-    from cxr_ray.io.storage import get_filesystem
-
     fs, root = get_filesystem(uri, s3_endpoint=s3_endpoint)
     try:
         card = ModelCard.from_dict(json.loads(fs.cat_file(f"{root.rstrip('/')}/{CARD_FILE}")))
     except FileNotFoundError as exc:
         raise ArtifactError(f"{uri}: not a model artifact (no {CARD_FILE})") from exc
-    cache_root = Path(os.environ.get("CXR_RAY_CACHE", Path.home() / ".cache" / "cxr-ray"))
+    cache = cache_root()
     key = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    local = cache_root / "artifacts" / f"{key}-{card.version}"
+    local = cache / "artifacts" / f"{key}-{card.version}"
     if not (local / CARD_FILE).is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_root))
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache))
         fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
         local.parent.mkdir(parents=True, exist_ok=True)
         if not (local / CARD_FILE).is_file():
@@ -175,8 +126,6 @@ def load_card(uri: str, s3_endpoint: str | None = None) -> ModelCard:
 
 def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[nn.Module, ModelCard]:
     """Rebuild the network from the registry and load its safetensors weights (eval mode, CPU)."""
-    from cxr_ray.models.registry import build_model
-
     path = localize(uri, s3_endpoint)
     card = load_card(str(path))
     weights = path / WEIGHTS_FILE
@@ -188,28 +137,3 @@ def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[nn.Module, Mod
     except RuntimeError as exc:
         raise ArtifactError(f"{uri}: weights do not match arch {card.arch!r} with {len(card.classes)} classes: {exc}") from exc
     return model.eval(), card
-
-
-def new_card(
-    *,
-    name: str,
-    arch: str,
-    classes: list[str],
-    image_size: int | None = None,
-    positive_class: str | None = None,
-    **fields,
-) -> ModelCard:
-    """A card whose preprocessing is derived from the architecture (never re-typed by callers)."""
-    from cxr_ray.models.registry import get_arch
-
-    spec = get_arch(arch)
-    size = int(image_size or spec.default_image_size)
-    if size < spec.min_image_size:
-        raise ValueError(f"{arch} needs image_size >= {spec.min_image_size}, got {size}")
-    if positive_class is not None and positive_class not in classes:
-        raise ValueError(f"positive class {positive_class!r} is not one of {classes}")
-    preprocessing = PreprocessConfig(image_size=size, mean=spec.grey_mean, std=spec.grey_std).to_dict()
-    return ModelCard(
-        name=name, arch=arch, classes=list(classes), preprocessing=preprocessing, positive_class=positive_class, **fields
-    )
-

@@ -1,4 +1,12 @@
-"""TensorRT engine cache inside an artifact: keys, records, integrity checks, build-once locking.
+"""Engine files on disk, for every engine: build-once locking, sha256-checked reads, TensorRT plan keys.
+
+Every file an engine loads (the ONNX graph, a TensorRT plan) is read through
+:func:`read_verified`, which checks its bytes against the sha256 recorded in
+``model.json`` before anything parses them. Builds that several processes may
+start at once (an ONNX export into the cache, a TensorRT plan) run under
+:func:`file_lock`, and ``model.json`` updates under :func:`card_lock`.
+
+TensorRT plans:
 
 A TensorRT plan only runs on the GPU architecture and TensorRT version that
 built it, for the batch range and image size of its optimisation profile. So
@@ -32,11 +40,14 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
-from cxr_ray.artifact import ENGINES_DIR, load_card, sha256_file, write_card
+from cxr_ray.engines.registry import get_engine
 from cxr_ray.errors import ArtifactError
+from cxr_ray.models.artifact import ENGINES_DIR, load_card, sha256_file, write_card
+from cxr_ray.models.card import EngineRecord
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = get_engine("tensorrt").precisions
 ENGINE_SUFFIX = ".plan"
 LOCK_FILE = ".lock"
 CARD_LOCK_FILE = ".model.json.lock"
@@ -121,7 +132,7 @@ def card_lock(artifact_dir: str | os.PathLike, *, timeout: float | None = 60.0):
     return file_lock(Path(artifact_dir) / CARD_LOCK_FILE, timeout=timeout)
 
 
-def find_engine(artifact_dir: str | os.PathLike, key: str, *, onnx_sha256: str | None = None) -> dict | None:
+def find_engine(artifact_dir: str | os.PathLike, key: str, *, onnx_sha256: str | None = None) -> EngineRecord | None:
     """The card's record for ``key`` whose file exists (and built from ``onnx_sha256`` if given), or None."""
     root = Path(artifact_dir)
     card = load_card(str(root))
@@ -131,35 +142,43 @@ def find_engine(artifact_dir: str | os.PathLike, key: str, *, onnx_sha256: str |
         if onnx_sha256 is not None and record.get("onnx_sha256") != onnx_sha256:
             continue
         if (root / record["file"]).is_file():
-            return dict(record)
+            return EngineRecord(**record)
     return None
 
 
-def verify_engine_file(path: str | os.PathLike, sha256: str) -> bytes:
-    """The plan's bytes, after checking them against the recorded sha256.
+def read_verified(path: str | os.PathLike, sha256: str | None, *, what: str = "file", remedy: str = "") -> bytes:
+    """The file's bytes, after checking them against the recorded sha256.
 
-    Raises :class:`ArtifactError` on a mismatch, BEFORE anything deserialises
-    the plan (a TensorRT plan is executable code for the GPU). The bytes
-    returned are the ones hashed, so the file cannot change between the check
-    and the load.
+    Raises :class:`ArtifactError` on a mismatch, BEFORE anything parses the
+    bytes (a TensorRT plan is executable code for the GPU). The bytes returned
+    are the ones hashed, so the file cannot change between the check and the
+    load. ``sha256`` None: no record to check against (the caller allows it).
     """
     path = Path(path)
-    if not sha256:
-        raise ArtifactError(f"{path}: no sha256 recorded for this engine; refusing to load it")
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise ArtifactError(f"{path}: engine file is missing") from exc
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != sha256:
-        raise ArtifactError(
-            f"{path}: sha256 {actual[:16]}... does not match the recorded {sha256[:16]}...; "
-            "the engine was modified or corrupted, refusing to load it (delete it to rebuild)"
-        )
+        raise ArtifactError(f"{path}: {what} is missing") from exc
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise ArtifactError(
+                f"{path}: sha256 {actual[:16]}... does not match the recorded {sha256[:16]}...; {remedy}"
+            )
     return data
 
 
-def record_engine(artifact_dir: str | os.PathLike, record: dict) -> None:
+def verify_engine_file(path: str | os.PathLike, sha256: str) -> bytes:
+    """A TensorRT plan's bytes, checked against its recorded sha256 (none recorded: refused)."""
+    if not sha256:
+        raise ArtifactError(f"{path}: no sha256 recorded for this engine; refusing to load it")
+    return read_verified(
+        path, sha256, what="engine file",
+        remedy="the engine was modified or corrupted, refusing to load it (delete it to rebuild)",
+    )
+
+
+def record_engine(artifact_dir: str | os.PathLike, record: EngineRecord) -> None:
     """Add or replace (by key) an engine record in ``model.json``."""
     root = Path(artifact_dir)
     with card_lock(root):
@@ -171,11 +190,11 @@ def record_engine(artifact_dir: str | os.PathLike, record: dict) -> None:
 def get_or_build_engine(
     artifact_dir: str | os.PathLike,
     key: str,
-    build: Callable[[Path], dict | None],
+    build: Callable[[Path], dict[str, Any] | None],
     *,
     onnx_sha256: str | None = None,
     lock_timeout: float | None = None,
-) -> tuple[dict, bool]:
+) -> tuple[EngineRecord, bool]:
     """The engine recorded under ``key``, building it once if there is none.
 
     ``build(path)`` writes a plan to ``path`` (a temporary name inside
@@ -201,7 +220,7 @@ def get_or_build_engine(
             extra = build(tmp) or {}
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise ArtifactError(f"engine build for {key} produced no plan at {tmp}")
-            record = {
+            record = cast(EngineRecord, {  # the builder's metadata, then what the cache adds
                 **extra,
                 "file": f"{ENGINES_DIR}/{final.name}",
                 "key": key,
@@ -209,7 +228,7 @@ def get_or_build_engine(
                 "bytes": tmp.stat().st_size,
                 "onnx_sha256": onnx_sha256,
                 "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
+            })
             os.replace(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):

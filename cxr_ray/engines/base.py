@@ -1,4 +1,4 @@
-"""The one interface every inference backend implements.
+"""The one interface every engine's runtime implements.
 
 A backend turns a batch of *preprocessed* images (``cxr_ray.preprocess``:
 float32, shape (N, 1, S, S)) into class probabilities (float32, (N, K), rows

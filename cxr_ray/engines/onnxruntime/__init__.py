@@ -1,0 +1,1 @@
+"""The ONNX Runtime engine: ``runtime`` runs the graph, ``build`` exports and verifies it."""

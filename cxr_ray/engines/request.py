@@ -1,0 +1,28 @@
+"""What a caller asks of an engine, in one record (``load_backend``'s keyword arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """How to run: where, at which precision, with how many threads.
+
+    ``device``: None lets each engine pick (TensorRT: ``cuda:0``; ONNX Runtime:
+    the CUDA provider if installed, else CPU; torch: CUDA if visible).
+    ``precision``: ``auto`` or a name of :func:`cxr_ray.engines.registry.precision_names`;
+    each engine's registry entry says what it accepts. ``num_threads``: CPU
+    threads of ONNX Runtime / torch. ``max_batch``: the TensorRT profile's
+    largest batch (bigger batches are chunked). ``compile``: ``torch.compile``
+    for the torch engine.
+    """
+
+    device: str | None = None
+    precision: str = "auto"
+    num_threads: int | None = None
+    s3_endpoint: str | None = None
+    max_batch: int | None = None
+    compile: bool = False
+    # True when the caller asked for "auto": ONNX Runtime then stays on the CPU unless a device is given.
+    auto: bool = False

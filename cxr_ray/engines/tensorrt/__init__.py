@@ -1,0 +1,1 @@
+"""The TensorRT engine: ``runtime`` runs a verified plan, ``build`` builds one (``calibration`` for int8)."""
