@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,8 @@ def fold_rows(reports: list[dict]) -> list[dict]:
     columns = _columns(reports)
     paths = dict(_COLUMNS)
     rows = [{"fold": str(i), **{c: _get(r, paths[c]) for c in columns}} for i, r in enumerate(reports)]
-    mean, std = {"fold": "mean"}, {"fold": "std"}
+    mean: dict[str, Any] = {"fold": "mean"}
+    std: dict[str, Any] = {"fold": "std"}
     for c in columns:
         values = np.array([row[c] for row in rows if row[c] is not None], dtype=np.float64)
         mean[c] = float(values.mean()) if values.size else None

@@ -141,18 +141,21 @@ def classification_report(
 
     if n_bootstrap > 0:
         codes = None if groups is None else _group_codes(groups, n)
-        samples = _bootstrap(y, probs, pred, pos, thr, n_bootstrap, seed, codes)
-        report["ci95"] = {name: _percentile_ci(samples[name]) for name in ("accuracy", "balanced_accuracy", "macro_auc")}
-        if pos is not None:
-            report["binary"]["ci95"] = {
-                name: _percentile_ci(samples[f"binary_{name}"]) for name in ("sensitivity", "specificity", "auc")
-            }
+        _add_intervals(report, _bootstrap(y, probs, pred, pos, thr, n_bootstrap, seed, codes), pos is not None)
         report["bootstrap"] = {
             "n_resamples": int(n_bootstrap), "seed": int(seed), "method": "percentile", "level": CI_LEVEL,
             "unit": "case" if codes is None else "patient",
             "units": int(n if codes is None else codes.max() + 1),
         }
     return report
+
+
+def _add_intervals(report: dict, samples: dict[str, np.ndarray], binary: bool) -> None:
+    report["ci95"] = {name: _percentile_ci(samples[name]) for name in ("accuracy", "balanced_accuracy", "macro_auc")}
+    if binary:
+        report["binary"]["ci95"] = {
+            name: _percentile_ci(samples[f"binary_{name}"]) for name in ("sensitivity", "specificity", "auc")
+        }
 
 
 def _per_class(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, cm: np.ndarray, classes: list[str]
