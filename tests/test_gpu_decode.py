@@ -221,3 +221,15 @@ def test_nvimgcodec_on_the_gpu_matches_the_cpu_path(real_data_dir):
         # nvJPEG's IDCT is not libjpeg's: lossy frames agree to a few 8-bit levels, lossless exactly
         expected = decode_image(data, "in")
         assert float(np.abs(got.pixels.cpu().numpy() - expected.pixels).max()) <= 4 / 255
+
+
+def test_preprocess_tensor_is_the_cpu_preprocess(real_data_dir):
+    from cxr_ray.preprocess import RESIZE_ATOL, PreprocessConfig, preprocess, preprocess_tensor
+
+    config = PreprocessConfig(image_size=224)
+    for shape in [(224, 224), (300, 217), (1024, 1024)]:
+        pixels = np.random.default_rng(0).random(shape, dtype=np.float32)
+        expected = preprocess(pixels, config)
+        got = preprocess_tensor(torch.from_numpy(pixels), config).numpy()
+        assert got.shape == expected.shape == (1, 224, 224)
+        assert float(np.abs(got - expected).max()) <= RESIZE_ATOL / config.std

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from cxr_ray.engines.load import load_backend, resolve_backend_name
+from cxr_ray.engines.load import load_backend
 from cxr_ray.errors import DecodeError
 from cxr_ray.io.inputs import InputPolicy, display_name, load_input
 from cxr_ray.io.types import DecodePolicy
@@ -121,9 +121,7 @@ class Predictor:
         batches (``path`` tables in), None when a decode stage runs before it."""
 
         self.card = load_card(artifact, s3_endpoint)
-        if backend == "auto" and device != "cpu":
-            # On a GPU actor, "auto" without TensorRT means torch on CUDA, not ONNX Runtime on the CPU.
-            backend = "tensorrt" if resolve_backend_name("auto", device, precision) == "tensorrt" else "torch"
+        # "auto" on a GPU actor is the registry's GPU order (TensorRT, ..., torch on CUDA), never the CPU's.
         self.backend = load_backend(
             artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint
         )
