@@ -25,19 +25,17 @@ import torch
 
 from cxr_ray.errors import BackendUnavailableError, DecodeError
 from cxr_ray.io import raster
+from cxr_ray.io.gpu.mode import NVIMGCODEC_MODULE, nvimgcodec_available
 from cxr_ray.io.gpu.routes import JPEG, JPEG2000_CODEC
-from cxr_ray.optional import available, require
+from cxr_ray.optional import require
 
-NVIMGCODEC_MODULE = "nvidia.nvimgcodec"
+__all__ = ["NVIMGCODEC_HINT", "CodedFrame", "FrameCodec", "NvImageCodec", "PillowCodec", "import_nvimgcodec",
+           "nvimgcodec_available"]
+
 NVIMGCODEC_HINT = (
     "GPU decoding needs NVIDIA nvImageCodec: pip install 'cxr-ray[gpu-decode]' (nvidia-nvimgcodec-cu13 with "
     "its nvjpeg and nvjpeg2k extras, for CUDA 13 builds of torch; use the gpu-decode-cu12 extra for CUDA 12)"
 )
-
-
-def nvimgcodec_available() -> bool:
-    """nvImageCodec importable (nothing is imported)."""
-    return available(NVIMGCODEC_MODULE)
 
 
 def import_nvimgcodec() -> ModuleType:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from cxr_ray.errors import DecodeError
+from cxr_ray.errors import BackendUnavailableError, DecodeError
 from cxr_ray.io import raster
 from cxr_ray.io.decode import sniff_format
 from cxr_ray.io.dicom.decoder import CheckedDicom, check_dicom, dicom_metadata, values_error
@@ -34,6 +34,7 @@ from cxr_ray.io.dicom.pixels import read_codestream
 from cxr_ray.io.dicom.tags import has_dicom_preamble
 from cxr_ray.io.dicom.values import grey_transform
 from cxr_ray.io.gpu.codec import CodedFrame, FrameCodec, NvImageCodec
+from cxr_ray.io.gpu.mode import check_decode_mode
 from cxr_ray.io.gpu.routes import NATIVE, Route, cpu, dicom_route, raster_route
 from cxr_ray.io.gpu.values import grey_to_unit_tensor, unit_from_integers
 from cxr_ray.io.inputs import InputPolicy, display_name, load_input, read_input
@@ -177,3 +178,21 @@ class GpuDecoder:
             return self._on_cpu(item, uri, f"{self.codec.name} returned {tuple(tensor.shape)}, "
                                            f"the header says {(item.frame.rows, item.frame.cols)}")
         return self._values(item, tensor)
+
+
+def open_gpu_decoder(mode: str, policy: InputPolicy, device: str | torch.device | None = None,
+                     ) -> tuple[GpuDecoder | None, str | None]:
+    """The decoder ``--decode mode`` asks for here: (decoder, None), or (None, why not) for ``auto``.
+
+    ``gpu`` where it cannot run raises :class:`~cxr_ray.errors.BackendUnavailableError` (say so at
+    start, not per row); ``cpu`` is (None, None).
+    """
+    check_decode_mode(mode)
+    if mode == "cpu":
+        return None, None
+    try:
+        return GpuDecoder(policy, device=device), None
+    except BackendUnavailableError as exc:
+        if mode == "gpu":
+            raise
+        return None, str(exc)
