@@ -233,3 +233,21 @@ def test_preprocess_tensor_is_the_cpu_preprocess(real_data_dir):
         got = preprocess_tensor(torch.from_numpy(pixels), config).numpy()
         assert got.shape == expected.shape == (1, 224, 224)
         assert float(np.abs(got - expected).max()) <= RESIZE_ATOL / config.std
+
+
+def test_nvidia_namespace_split_across_folders_is_joined(tmp_path):
+    # One folder's nvidia/__init__.py (a CUDA wheel's) must not hide nvidia.* installed in another.
+    import subprocess
+    import sys
+
+    (tmp_path / "a" / "nvidia").mkdir(parents=True)
+    (tmp_path / "a" / "nvidia" / "__init__.py").write_text("")
+    (tmp_path / "b" / "nvidia" / "elsewhere").mkdir(parents=True)
+    (tmp_path / "b" / "nvidia" / "elsewhere" / "__init__.py").write_text("VALUE = 42\n")
+    code = ("import importlib, importlib.util, sys; sys.path[:0] = sys.argv[1:3]; import nvidia\n"
+            "assert importlib.util.find_spec('nvidia.elsewhere') is None\n"
+            "from cxr_ray.io.gpu.mode import join_nvidia_namespace; join_nvidia_namespace()\n"
+            "print(importlib.import_module('nvidia.elsewhere').VALUE)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr

@@ -25,7 +25,7 @@ import torch
 
 from cxr_ray.errors import BackendUnavailableError, DecodeError
 from cxr_ray.io import raster
-from cxr_ray.io.gpu.mode import NVIMGCODEC_MODULE, nvimgcodec_available
+from cxr_ray.io.gpu.mode import NVIMGCODEC_MODULE, join_nvidia_namespace, nvimgcodec_available
 from cxr_ray.io.gpu.routes import JPEG, JPEG2000_CODEC
 from cxr_ray.optional import require
 
@@ -39,6 +39,7 @@ NVIMGCODEC_HINT = (
 
 
 def import_nvimgcodec() -> ModuleType:
+    join_nvidia_namespace()
     return require(NVIMGCODEC_MODULE, NVIMGCODEC_HINT)
 
 

@@ -12,6 +12,11 @@ Either way an input the GPU codecs do not take is decoded on the CPU, with the r
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import sys
+from typing import Any
+
 from cxr_ray.errors import UsageError
 from cxr_ray.optional import available
 
@@ -24,8 +29,30 @@ def check_decode_mode(mode: str) -> None:
         raise UsageError(f"decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
 
 
+def join_nvidia_namespace() -> None:
+    """Let ``nvidia.*`` be found in every ``nvidia`` folder on ``sys.path``.
+
+    NVIDIA's wheels share the ``nvidia`` package, and some of them (nvjpeg2k's, CUDA 12 libraries')
+    ship an ``nvidia/__init__.py`` that turns it into a regular package confined to one folder: then
+    nvImageCodec installed in another folder (``pip install --target``, a user site) is invisible.
+    ``pkgutil.extend_path`` is the standard cure for such split packages.
+    """
+    package: Any = sys.modules.get("nvidia")
+    if package is None:
+        try:
+            package = importlib.import_module("nvidia")
+        except ImportError:
+            return
+    path = getattr(package, "__path__", None)
+    if path is not None and not isinstance(path, list):  # a namespace package already spans them all
+        return
+    if path is not None:
+        package.__path__ = pkgutil.extend_path(path, "nvidia")
+
+
 def nvimgcodec_available() -> bool:
-    """nvImageCodec importable here (nothing is imported)."""
+    """nvImageCodec importable here (nothing of it is imported)."""
+    join_nvidia_namespace()
     return available(NVIMGCODEC_MODULE)
 
 
