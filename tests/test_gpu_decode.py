@@ -251,3 +251,18 @@ def test_nvidia_namespace_split_across_folders_is_joined(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr
+
+
+def test_codec_outputs_become_grey_integer_frames():
+    from PIL import Image
+
+    from cxr_ray.io.gpu.codec import _grey_tensor
+
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    luma = _grey_tensor(torch.from_numpy(rgb), to_grey=True)
+    np.testing.assert_array_equal(luma.numpy(), np.asarray(Image.fromarray(rgb).convert("L")))  # Pillow's formula
+    assert _grey_tensor(torch.from_numpy(rgb), to_grey=False) is None  # a colour DICOM frame: the CPU's
+    stored = torch.from_numpy(np.arange(12, dtype=np.int32).reshape(3, 4, 1)).to(torch.uint16)
+    frame = _grey_tensor(stored, to_grey=False)
+    assert frame.dtype == torch.int32 and frame.shape == (3, 4) and int(frame[2, 3]) == 11
+    assert _grey_tensor(torch.zeros(3, 4, 4, dtype=torch.uint8), to_grey=True) is None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydicom.uid import HTJ2KLossless
 
 from cxr_ray.io.decode import sniff_format
@@ -34,10 +35,17 @@ def _htj2k_codestream(stored: np.ndarray) -> bytes:
     nv = import_nvimgcodec()
     params = nv.EncodeParams(quality_type=nv.QualityType.LOSSLESS, jpeg2k_encode_params=nv.Jpeg2kEncodeParams(
         bitstream_type=nv.Jpeg2kBitstreamType.J2K, ht=True))
-    stream = nv.Encoder().encode(np.ascontiguousarray(stored[..., None]), "jpeg2k", params=params)
+    host = np.ascontiguousarray(stored[..., None])
+    encoder = nv.Encoder()
+    stream = encoder.encode(host, "jpeg2k", params=params)
+    if stream is None:  # some versions encode from device memory only
+        stream = encoder.encode(torch.from_numpy(host.astype(np.int32)).to(torch.uint16).cuda(), "jpeg2k", params=params)
     if stream is None:
         raise RuntimeError("nvImageCodec returned no code stream")
-    return bytes(memoryview(stream)) if hasattr(stream, "__buffer__") else np.asarray(stream).tobytes()
+    try:
+        return bytes(memoryview(stream))
+    except TypeError:
+        return np.asarray(stream, dtype=np.uint8).tobytes()
 
 
 def _one_phantom(index: int, size: int, kinds: tuple[str, ...], skipped: dict[str, str]) -> dict[str, bytes]:

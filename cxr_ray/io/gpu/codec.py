@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 from cxr_ray.errors import BackendUnavailableError, DecodeError
 from cxr_ray.io import raster
@@ -86,10 +87,12 @@ class NvImageCodec:
         self._decoder = self.nv.Decoder(device_id=self.device.index)
         # UNCHANGED: a grey frame stays one channel; allow_any_depth: 12/16-bit samples stay as stored.
         # EXIF orientation is never applied (the CPU path does not either: radiographs do not use it).
+        spec = self.nv.ColorSpec
         self._stored = self.nv.DecodeParams(
-            allow_any_depth=True, color_spec=self.nv.ColorSpec.UNCHANGED, apply_exif_orientation=False)
+            allow_any_depth=True, color_spec=spec.UNCHANGED, apply_exif_orientation=False)
+        # JPEG files: luma straight from nvJPEG where the enum has GRAY, else RGB made grey below.
         self._grey = self.nv.DecodeParams(
-            allow_any_depth=False, color_spec=self.nv.ColorSpec.GRAY, apply_exif_orientation=False)
+            allow_any_depth=False, color_spec=getattr(spec, "GRAY", spec.SRGB), apply_exif_orientation=False)
 
     def _run(self, frames: Sequence[CodedFrame], params: Any) -> list[torch.Tensor | None]:
         if not frames:
@@ -97,7 +100,8 @@ class NvImageCodec:
         streams = [self.nv.CodeStream(frame.data) for frame in frames]
         stream = torch.cuda.current_stream(self.device).cuda_stream  # torch's later ops are ordered after it
         images = self._decoder.decode(streams, params=params, cuda_stream=stream)
-        return [None if image is None else _grey_tensor(image, self.device) for image in images]
+        return [None if image is None else _grey_tensor(_as_tensor(image, self.device, stream), frame.to_grey)
+                for frame, image in zip(frames, images, strict=True)]
 
     def decode(self, frames: Sequence[CodedFrame]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * len(frames)
@@ -109,17 +113,26 @@ class NvImageCodec:
         return out
 
 
-def _grey_tensor(image: Any, device: torch.device) -> torch.Tensor | None:
-    """An nvImageCodec image (H, W, C) as a (H, W) tensor on ``device`` (None unless one channel)."""
-    try:
-        tensor = torch.from_dlpack(image)
-    except (TypeError, RuntimeError, BufferError):  # an older DLPack protocol: the CUDA array interface
-        tensor = torch.as_tensor(image, device=device)
+def _as_tensor(image: Any, device: torch.device, stream: int) -> torch.Tensor:
+    """An nvImageCodec image as a torch tensor on ``device``, zero-copy (DLPack, else the CUDA array interface)."""
+    try:  # nvImageCodec's __dlpack__ takes ``cuda_stream``, not the protocol's ``stream``
+        return torch.utils.dlpack.from_dlpack(image.__dlpack__(cuda_stream=stream))
+    except (TypeError, AttributeError, RuntimeError, BufferError):
+        return torch.as_tensor(image, device=device)
+
+
+def _grey_tensor(tensor: torch.Tensor, to_grey: bool) -> torch.Tensor | None:
+    """(H, W[, C]) samples as (H, W) integers; RGB to luma as Pillow's ``convert("L")`` computes it
+    (for JPEG files only); None for anything else (the frame then goes to the CPU decoder)."""
+    if tensor.ndim == 3 and tensor.shape[-1] == 3 and to_grey:
+        rgb = tensor.to(torch.int32)
+        return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
     if tensor.ndim == 3:
         if tensor.shape[-1] != 1:
             return None
         tensor = tensor[..., 0]
-    return tensor
+    # uint16 has few torch kernels: the value steps get int32 (exact for every stored value)
+    return tensor if tensor.dtype in (torch.uint8, torch.int16, torch.int32) else tensor.to(torch.int32)
 
 
 class PillowCodec:
