@@ -53,6 +53,7 @@ def test_suite_is_listed_and_parses():
 
 def test_dry_run_report_shape(report):
     assert report["bench"] == "gpu" and report["schema_version"] == 1 and report["measured_on_gpu"] is False
+    assert report["complete"] is True
     assert {"requested", "kind", "name", "torch", "cuda_available", "onnxruntime_providers",
             "nvimgcodec_installed", "tensorrt_installed"} <= set(report["device"])
     assert report["device"]["kind"] == "cpu" and report["model"] == {"arch": "resnet18", "image_size": 32,

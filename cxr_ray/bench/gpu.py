@@ -139,12 +139,15 @@ def _decode_sets(args: argparse.Namespace) -> tuple[dict[str, tuple[list[bytes],
     return sets, {"phantom_size": args.phantom_size, "phantoms_not_written": skipped, "real": found}
 
 
-def _section(report: dict[str, Any], key: str, compute: Any) -> Any:
-    """``report[key] = compute()``; a failure is recorded there (the one JSON document still comes out)."""
+def _section(report: dict[str, Any], key: str, compute: Any, saved: Any = None) -> Any:
+    """``report[key] = compute()``; a failure is recorded there (the one JSON document still comes out).
+    ``saved``: called after each section, so a run stopped by its time limit keeps what it measured."""
     try:
         report[key] = compute()
     except Exception as exc:  # noqa: BLE001 - a broken section must not cost the others' figures
         report[key] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    if saved is not None:
+        saved()
     return report[key]
 
 
@@ -154,41 +157,55 @@ def _decode_section(args: argparse.Namespace, device: str, card: Any, sets: dict
     return {"codec": decoder.codec.name, "codec_version": getattr(decoder.codec, "version", None), "sets": rates}
 
 
-def run_check(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything, in order; returns the report."""
+def run_check(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
+    """Everything, in order; returns the report (``save(report)`` after each section, if given)."""
     started = time.perf_counter()
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU here (use --device cpu for a dry run)")
     report: dict[str, Any] = {"bench": "gpu", "schema_version": SCHEMA_VERSION, "device": device_info(device),
-                              "measured_on_gpu": device.startswith("cuda")}
+                              "measured_on_gpu": device.startswith("cuda"), "complete": False}
+
+    def saved() -> None:
+        if save is not None:
+            report["elapsed_s"] = round(time.perf_counter() - started, 1)
+            save(report)
+
     with tempfile.TemporaryDirectory(prefix="cxr-bench-gpu-") as tmp:
         artifact = random_artifact(Path(tmp) / "model", args.arch, args.image_size)
         card = load_card(artifact)
         report["model"] = {"arch": card.arch, "image_size": card.image_size, "weights": "random (seeded)"}
         report["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         _section(report, "engines", lambda: engine_rows(artifact, device, args.batch_sizes, card.image_size,
-                                                        seconds=args.seconds, warmup=args.warmup, compile=args.compile))
+                                                        seconds=args.seconds, warmup=args.warmup, compile=args.compile),
+                 saved)
         sets, inputs = _decode_sets(args)
         report["inputs"] = inputs
-        _section(report, "decode", lambda: _decode_section(args, device, card, sets))
+        _section(report, "decode", lambda: _decode_section(args, device, card, sets), saved)
         distinct = [f for files, n in sets.values() for f in files[:n]]
         paths = write_inputs(Path(tmp) / "inputs", repeat(distinct, args.e2e_files))
         report["end_to_end"] = {}
         for mode in ("gpu", "cpu"):
             _section(report["end_to_end"], f"{mode}_decode",
-                     lambda mode=mode: end_to_end(paths, artifact, device, mode, args.e2e_batch))
+                     lambda mode=mode: end_to_end(paths, artifact, device, mode, args.e2e_batch), saved)
     _section(report, "targets", lambda: targets(report))
+    report["complete"] = True
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     return report
 
 
+def _writer(path: Path | None) -> Any:
+    def write(report: dict[str, Any]) -> None:
+        if path is not None:
+            path.write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    return write
+
+
 def run(args: argparse.Namespace) -> int:
-    report = run_check(args)
-    text = json.dumps(report, indent=2, default=_plain)
-    if args.output:
-        args.output.write_text(text + "\n")
-    print(text)
+    write = _writer(args.output)
+    report = run_check(args, write)
+    write(report)
+    print(json.dumps(report, indent=2, default=_plain))
     sys.stdout.flush()
     return 0
 

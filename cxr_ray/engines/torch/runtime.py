@@ -87,6 +87,10 @@ class TorchBackend(Backend):
         self.device = resolve_device(device)
         if cuda_graphs and (self.device.type != "cuda" or compile):
             raise UsageError("CUDA graphs need a CUDA device and exclude torch.compile (it brings its own)")
+        if self.device.type == "cuda":
+            # Batch shapes repeat (fixed model size, a few batch sizes): let cuDNN time its algorithms
+            # once per shape and keep the fastest, instead of its heuristic pick (process-wide setting).
+            torch.backends.cudnn.benchmark = True
         self.classes = list(classes)
         self.input_spec = InputSpec(channels=1, image_size=int(image_size))
         self.channels_last = channels_last
@@ -112,7 +116,8 @@ class TorchBackend(Backend):
     def _autocast(self, cache: bool = True):
         if self.precision == "fp32":
             if self.device.type == "cuda":  # fp32 means fp32: no TF32 tensor-core convolutions
-                return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+                return torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
+                                                  allow_tf32=False)
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)
