@@ -16,6 +16,7 @@ import time
 from cxr_ray.commands.options import add_shared
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
+from cxr_ray.io.gpu.mode import DECODE_MODES
 
 APP_NAME = "cxr-ray"
 
@@ -39,6 +40,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--precision", default="auto", choices=PRECISION_NAMES,
         help="auto: fp16 on GPUs, fp32 on CPUs; bf16: opt-in on CPUs with AVX512-BF16 / AMX (torch, checked vs fp32)",
+    )
+    parser.add_argument(
+        "--decode", default="auto", choices=DECODE_MODES,
+        help="where requests are decoded: gpu (nvImageCodec on the model's GPU, fused topology; inputs it cannot "
+        "take fall back to the CPU with the reason in warnings), cpu, auto (gpu where the model runs on a GPU)",
     )
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR",
@@ -81,6 +87,7 @@ def build_args(args: argparse.Namespace):
             backend=args.backend,
             precision=args.precision,
             device=args.device,
+            decode=args.decode,
             s3_endpoint=args.s3_endpoint,
             api_key_env=args.api_key_env,
             max_body_mb=args.max_body_mb,

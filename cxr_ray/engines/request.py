@@ -15,7 +15,9 @@ class EngineRequest:
     each engine's registry entry says what it accepts. ``num_threads``: CPU
     threads of ONNX Runtime / torch. ``max_batch``: the TensorRT profile's
     largest batch (bigger batches are chunked). ``compile``: ``torch.compile``
-    for the torch engine.
+    for the torch engine. ``cuda_graphs``: the torch engine on CUDA replays one
+    captured CUDA graph per batch shape (checked against fp32 at load; off by
+    default until the device check has measured it, see the README's GPU section).
     """
 
     device: str | None = None
@@ -24,5 +26,6 @@ class EngineRequest:
     s3_endpoint: str | None = None
     max_batch: int | None = None
     compile: bool = False
-    # True when the caller asked for "auto": ONNX Runtime then stays on the CPU unless a device is given.
+    cuda_graphs: bool = False
+    # True when the caller asked for "auto" (load_backend has then filled in the device auto chose).
     auto: bool = False
