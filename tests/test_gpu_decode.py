@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydicom.sequence import Sequence
 from pydicom.uid import HTJ2KLossless, JPEG2000Lossless, RLELossless
+from test_decode_dicom import make_dataset, make_dicom, ramp, to_bytes
 
 from cxr_ray.errors import BackendUnavailableError, DecodeError
 from cxr_ray.io.decode import decode_image
@@ -22,7 +23,6 @@ from cxr_ray.io.gpu.decode import CPU_NOTE, DeviceImage, GpuDecoder
 from cxr_ray.io.gpu.values import VALUES_ATOL
 from cxr_ray.io.inputs import InputPolicy
 from cxr_ray.io.types import DecodedImage, DecodePolicy
-from tests.test_decode_dicom import make_dataset, make_dicom, ramp, to_bytes
 
 
 def gpu_path(data: bytes, target_size: int | None = None, policy: DecodePolicy | None = None):
