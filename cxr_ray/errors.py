@@ -26,6 +26,7 @@ DECODE_ERROR_CODES = frozenset(
         "unsupported_photometric",
         "corrupt",
         "read_failed",
+        "timeout",
     }
 )
 

@@ -46,6 +46,10 @@ def test_bench_decode_json_shape(tiny_archive, capsys):
         assert figures["ratio"] > 0
     assert result["formats"]["dicom"]["files"] == 2  # the lateral view is excluded, and listed
     assert result["overall"]["files"] == 6
+    deadline = result["deadline"]  # the decode deadline's cost, measured on the same files
+    assert deadline["files"] == 6 and deadline["max_decode_seconds"] > 0
+    assert deadline["with_ms_per_file"] > 0 and deadline["without_ms_per_file"] > 0
+    assert isinstance(deadline["overhead_pct_wall"], float)
     assert result["excluded"] == [
         {"path": "nested/lateral.dcm", "format": "dicom", "failed": "ours", "error": "lateral_view"}
     ]

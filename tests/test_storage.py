@@ -192,6 +192,37 @@ def test_read_bytes_local(local_tree):
         read_bytes(str(local_tree / "nope.png"))
 
 
+def test_every_folder_entry_is_listed_even_when_it_cannot_be_read(tmp_path):
+    """46 files + a dangling symlink + a FIFO: 48 inputs, and the two odd ones fail on read, quickly."""
+    root = tmp_path / "archive"
+    for i in range(46):
+        _touch(root, f"p{i % 3}/{i:02d}.png")
+    os.symlink(str(root / "gone.png"), str(root / "p0" / "dangling.png"))
+    os.mkfifo(str(root / "p1" / "pipe.dcm"))
+    listed = list(expand_inputs(str(root)))
+    assert len(listed) == 48
+    with pytest.raises(FileNotFoundError):
+        read_bytes(str(root / "p0" / "dangling.png"), max_bytes=100)
+    with pytest.raises(OSError, match="not a regular file"):  # a FIFO would block an open() forever
+        read_bytes(str(root / "p1" / "pipe.dcm"), max_bytes=100)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: permission errors cannot be provoked")
+def test_an_unlistable_sub_folder_is_one_input_that_fails_with_its_permission_error(tmp_path):
+    root = tmp_path / "archive"
+    _touch(root, "ok.png")
+    locked = root / "locked"
+    _touch(root, "locked/secret.png")
+    locked.chmod(0)
+    try:
+        listed = list(expand_inputs(str(root)))
+        assert listed == [str(locked), str(root / "ok.png")]
+        with pytest.raises(PermissionError):
+            read_bytes(str(locked))
+    finally:
+        locked.chmod(0o755)
+
+
 def test_open_output_local_creates_dirs_and_is_atomic(tmp_path):
     target = tmp_path / "a" / "b" / "out.json"
     with open_output(str(target), "w") as handle:

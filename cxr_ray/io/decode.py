@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from cxr_ray.errors import DecodeError
 from cxr_ray.io import dicom, raster
+from cxr_ray.io.deadline import call_with_deadline
 from cxr_ray.io.types import DecodedImage, DecodePolicy
 
 _DEFAULT_POLICY = DecodePolicy()
@@ -57,11 +58,21 @@ def decode_image(
     scaling, integer box reduction) as long as both sides stay >= target_size;
     resize with :func:`cxr_ray.preprocess.resize_square` afterwards.
     ``meta.rows`` / ``meta.cols`` always give the stored image size.
+    A decoder still running after ``policy.max_decode_seconds`` is abandoned:
+    ``DecodeError("timeout")`` (:mod:`cxr_ray.io.deadline`).
     """
     if not data:
         raise DecodeError("empty", f"{name}: file is empty (0 bytes)")
     if not isinstance(data, bytes):  # bytearray / memoryview: the parsers want immutable bytes
         data = bytes(data)
+    return call_with_deadline(
+        lambda: _decode(data, name, policy, pseudonym_key, target_size), policy.max_decode_seconds, name
+    )
+
+
+def _decode(
+    data: bytes, name: str, policy: DecodePolicy, pseudonym_key: bytes | None, target_size: int | None
+) -> DecodedImage:
     try:
         fmt = sniff_format(data)
         if fmt == "dicom":

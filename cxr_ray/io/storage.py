@@ -55,10 +55,12 @@ Missing inputs
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import posixpath
 import re
+import stat as statmod
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -176,6 +178,8 @@ def read_bytes(uri: str, s3_endpoint: str | None = None, max_bytes: int | None =
     listing). A missing file raises ``FileNotFoundError``.
     """
     fs, path = get_filesystem(uri, s3_endpoint)
+    if _is_local_fs(fs):
+        _check_regular_file(path)
     if max_bytes is None:
         return fs.cat_file(path)
     with fs.open(path, "rb") as handle:
@@ -367,27 +371,52 @@ def _list_remote(fs, bucket: str, key_prefix: str) -> Iterator[list[str]]:
 
 
 def _walk_local(directory: str, seen: set | None = None) -> Iterator[str]:
-    """Files below ``directory``, depth first, each directory's entries sorted."""
+    """Files below ``directory``, depth first, each directory's entries sorted.
+
+    Every entry that is not a listable directory is yielded, whether or not it
+    can be read: a dangling symlink, a FIFO, a file or sub-directory we may not
+    open. Reading it then fails with ``read_failed`` (:func:`read_bytes` refuses
+    what is not a regular file without opening it), so each such entry is one
+    output row, never silently dropped.
+    """
     seen = set() if seen is None else seen
     try:
         stat = os.stat(directory)
-    except OSError:
+        if (stat.st_dev, stat.st_ino) in seen:  # symlink loop
+            return
+        seen.add((stat.st_dev, stat.st_ino))
+        with os.scandir(directory) as entries:
+            ordered = sorted(entries, key=lambda entry: entry.name)
+    except OSError:  # a sub-directory we may not list (the top one was checked by the caller)
+        yield directory
         return
-    if (stat.st_dev, stat.st_ino) in seen:  # symlink loop
-        return
-    seen.add((stat.st_dev, stat.st_ino))
-    with os.scandir(directory) as entries:
-        ordered = sorted(entries, key=lambda entry: entry.name)
     for entry in ordered:
         if entry.name.startswith(".") or entry.name in SKIPPED_NAMES:
             continue
         try:
-            if entry.is_dir():
-                yield from _walk_local(entry.path, seen)
-            elif entry.is_file():
-                yield entry.path
-        except OSError:  # a dangling symlink or a race with a deleter
-            continue
+            is_dir = entry.is_dir()
+        except OSError:  # is_dir() swallows most errors; what is left is still an entry
+            is_dir = False
+        if is_dir:
+            yield from _walk_local(entry.path, seen)
+        else:
+            yield entry.path
+
+
+def _check_regular_file(path: str) -> None:
+    """Raise the ``OSError`` reading ``path`` would hit, before anything opens it.
+
+    A FIFO would block the reader forever and a directory is no input; a
+    dangling symlink raises ``FileNotFoundError`` here; an unlistable directory
+    raises the ``PermissionError`` its listing hit.
+    """
+    mode = os.stat(path).st_mode
+    if statmod.S_ISREG(mode):
+        return
+    if statmod.S_ISDIR(mode):
+        os.listdir(path)  # raises the listing's own error when that is why it was yielded
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file")
+    raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
 
 
 def _literal_prefix(pattern: str) -> str:

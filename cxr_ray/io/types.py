@@ -24,6 +24,9 @@ class DecodePolicy:
     reject_lateral: bool = True
     # "error": refuse multi-frame objects; "first": screen frame 0 with a warning.
     multi_frame: str = "error"
+    # Seconds one input may spend decoding before it is abandoned as ``timeout`` (None: no limit).
+    # Real radiographs take 5-250 ms here; a decoder still busy after this is hung or spinning.
+    max_decode_seconds: float | None = 10.0
 
 
 @dataclass(frozen=True)

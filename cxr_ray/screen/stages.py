@@ -26,6 +26,7 @@ import torch
 
 from cxr_ray.engines.load import load_backend
 from cxr_ray.errors import DecodeError
+from cxr_ray.io.deadline import process_backstop
 from cxr_ray.io.gpu.decode import CPU_NOTE, open_gpu_decoder
 from cxr_ray.io.inputs import InputPolicy, display_name, load_input
 from cxr_ray.io.types import DecodePolicy
@@ -100,7 +101,8 @@ def decode_batch(
         row["path"] = path
         row["warnings"] = []
         try:
-            image = load_input(path, reading, name=name).image
+            with process_backstop(reading.decode.max_decode_seconds):  # a decoder that froze the GIL too
+                image = load_input(path, reading, name=name).image
             try:
                 pixels[i] = preprocess(image.pixels, config).reshape(-1)
             except Exception as exc:  # noqa: BLE001 - a decoder output preprocess cannot take
