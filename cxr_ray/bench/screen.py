@@ -47,6 +47,7 @@ from cxr_ray.bench.screen_baseline import plain_pytorch
 from cxr_ray.bench.screen_job import job_config, ray_job, ready_ray
 from cxr_ray.bench.screen_memory import memory_check
 from cxr_ray.engines.load import load_backend
+from cxr_ray.engines.preflight import check_engine
 from cxr_ray.errors import UsageError
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.models.artifact import load_card
@@ -199,7 +200,8 @@ def backend_costs(
 
 
 def run(args: argparse.Namespace) -> int:
-
+    # the Ray job's engine and precision on this machine, before anything is built or started
+    check_engine(args.backend, args.precision, gpus=float(torch.cuda.device_count()), local=True)
     n_cores = cores()
     default_threads = torch.get_num_threads()  # what a plain PyTorch script gets
     with tempfile.TemporaryDirectory(prefix="cxr-bench-screen-", dir=args.work_dir) as tmp:

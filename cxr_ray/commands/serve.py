@@ -126,9 +126,18 @@ def curl_examples(url: str, api_key_env: str | None = None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     serve_args = build_args(args)
-    from cxr_ray.models.artifact import load_card
+    import torch
 
-    load_card(serve_args.model, serve_args.s3_endpoint)  # fail here, not in a replica, on a bad path
+    from cxr_ray.engines.preflight import check_engine
+    from cxr_ray.models.artifact import verify_artifact
+
+    # fail here, not in every replica in turn: a broken artifact, an engine this machine cannot run
+    verify_artifact(serve_args.model, serve_args.s3_endpoint)
+    if args.gpus_per_replica and not args.address and not torch.cuda.device_count():
+        raise UsageError(f"--gpus-per-replica {args.gpus_per_replica:g}: no CUDA GPU is visible here, so the "
+                         "replicas would wait for one forever; drop the flag or pass --address of a GPU cluster")
+    check_engine(serve_args.backend, serve_args.precision, gpus=args.gpus_per_replica, device=args.device,
+                 local=not (args.address or os.environ.get("RAY_ADDRESS")))
 
     import ray
     from ray import serve

@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available() and not args.address and not os.environ.get("RAY_ADDRESS"):
             raise UsageError("--use-gpu: no CUDA GPU is visible here; drop --use-gpu or pass --address of a GPU cluster")
+    from cxr_ray.io.storage import check_writable
     from cxr_ray.train.protocols import train  # the surface (Ray, torch): loaded when the verb runs
 
+    check_writable(config.out, config.s3_endpoint, option="--out")  # before Ray starts, not after training
     connect(args.address)
     quiet_ray_data()
     summary = train(config)

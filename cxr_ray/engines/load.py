@@ -66,7 +66,7 @@ def cuda_visible() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _probe(engine: Engine) -> bool:
+def probe_engine(engine: Engine) -> bool:
     """The engine's ``gpu_probe`` (``module:function``), imported only now."""
     if engine.gpu_probe is None:
         return True
@@ -86,7 +86,7 @@ def resolve_backend_name(name: str, device: str | None = None, precision: str = 
     on_gpu = device != "cpu" and cuda_visible()
     candidates = auto_candidates(on_gpu=on_gpu)
     for engine in candidates:
-        if engine.runs(precision, on_cpu=not on_gpu) and (not on_gpu or _probe(engine)):
+        if engine.runs(precision, on_cpu=not on_gpu) and (not on_gpu or probe_engine(engine)):
             return engine.name
     candidates[0].resolve_precision(precision, on_cpu=not on_gpu)  # its refusal says what would run it
     raise UsageError(f"no engine installed here runs precision={precision} on the {'GPU' if on_gpu else 'CPU'}")

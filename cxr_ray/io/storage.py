@@ -238,6 +238,25 @@ def open_output(uri: str, mode: str = "wb", s3_endpoint: str | None = None, **kw
     handle.close()
 
 
+def check_writable(uri: str, s3_endpoint: str | None = None, option: str = "--output") -> None:
+    """Write and delete a small probe object under ``uri``; :class:`UsageError` naming ``option`` if that fails.
+
+    Run by the driver before any work starts: an output that cannot be written
+    (a read-only mount, a path under a file, a bucket without write access)
+    should stop the command at once, not after the first batch is screened.
+    """
+    probe = join(uri, f"_write_check.{uuid.uuid4().hex[:12]}")
+    try:
+        with open_output(probe, "wb", s3_endpoint=s3_endpoint) as handle:
+            handle.write(b"cxr-ray write check\n")
+        fs, path = get_filesystem(probe, s3_endpoint)
+        fs.rm(path)
+    except Exception as exc:  # noqa: BLE001 - whatever the storage says, it is this option's problem
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(f"{option} {uri}: cannot write there ({reason}); choose another location or fix its "
+                         "permissions") from None
+
+
 # --------------------------------------------------------------------------- expansion
 
 

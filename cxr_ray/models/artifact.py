@@ -124,6 +124,25 @@ def load_card(uri: str, s3_endpoint: str | None = None) -> ModelCard:
         raise ArtifactError(f"{uri}: {CARD_FILE} is malformed: {exc}") from exc
 
 
+def verify_artifact(uri: str, s3_endpoint: str | None = None) -> ModelCard:
+    """The card, once the artifact is known whole: weights present and matching the card's version.
+
+    The driver calls this before any actor starts, so a broken artifact is one
+    clear error instead of every actor failing on it in turn.
+    """
+    path = localize(uri, s3_endpoint)
+    card = load_card(str(path))
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{uri}: {WEIGHTS_FILE} is missing; point --model at a directory `cxr-ray train` wrote")
+    if card.version and _content_version(weights, card) != card.version:
+        raise ArtifactError(
+            f"{uri}: {WEIGHTS_FILE} or the card's thresholds/classes changed since version {card.version} was "
+            "recorded; re-create the artifact (cxr-ray train) rather than editing it"
+        )
+    return card
+
+
 def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[nn.Module, ModelCard]:
     """Rebuild the network from the registry and load its safetensors weights (eval mode, CPU)."""
     path = localize(uri, s3_endpoint)

@@ -33,13 +33,18 @@ import ray
 from cxr_ray.errors import UsageError
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
-from cxr_ray.models.artifact import load_card
 from cxr_ray.models.card import ModelCard
 from cxr_ray.ray_session import connect
 from cxr_ray.screen.config import ScreenConfig
 from cxr_ray.screen.heatmaps import check_heatmaps
 from cxr_ray.screen.output import OutputLayout
 from cxr_ray.screen.passes import ISOLATE_PASS, PassInputs, PassResult, run_pass
+from cxr_ray.screen.preflight import (
+    check_cluster_hardware,
+    check_inputs_and_output,
+    check_local_hardware,
+    joins_a_cluster,
+)
 from cxr_ray.screen.recovery import write_crashed_rows
 from cxr_ray.screen.schema import prob_columns
 from cxr_ray.screen.summary import PartsScan, finish_run, scan_parts
@@ -94,8 +99,11 @@ def _passes(config: ScreenConfig, shared: PassInputs, done_ref: Any) -> tuple[li
 def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     """Screen ``config.inputs`` into ``config.output``; returns the run summary (also written)."""
     key = key_from_env(config.pseudonym_key_env)
-    card = load_card(config.model, config.s3_endpoint)
+    card = check_inputs_and_output(config)  # the artifact is whole, the output writable
     _check_before_any_work(config, card)
+    joins = joins_a_cluster(config.address)
+    if not joins:
+        check_local_hardware(config)  # before Ray starts: one error line, no actor retries
     layout = OutputLayout(config.output, config.s3_endpoint)
     scan = scan_parts(layout)
     _check_resume(scan, card, config.output)
@@ -104,6 +112,13 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[st
     resumed_rows = scan.rows
 
     started_ray = connect(config.address)
+    if joins:
+        try:
+            check_cluster_hardware(config)
+        except Exception:
+            if started_ray:
+                ray.shutdown()
+            raise
     done_ref = _put_done(scan)  # the resume set lives in the object store during the run...
     del scan  # ...not in the driver
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
