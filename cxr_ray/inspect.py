@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import DecodeError
 from cxr_ray.io.inputs import InputPolicy, expand_reporting, load_input
 from cxr_ray.io.types import DecodePolicy, ImageMetadata
@@ -28,14 +29,16 @@ def inspect_inputs(
     pseudonym_key: bytes | None = None,
     s3_endpoint: str | None = None,
     policy: DecodePolicy | None = None,
+    dicomweb_auth: DicomwebAuth | None = None,
 ) -> Iterator[dict]:
-    """Expand each spec (file, directory, glob, s3:// prefix, manifest) and inspect every file."""
+    """Expand each spec (file, directory, glob, s3:// prefix, manifest, DICOMweb query) and inspect every file."""
     policy = policy or DecodePolicy()
-    for uri, error in expand_reporting(uris, s3_endpoint):
+    for uri, error in expand_reporting(uris, s3_endpoint, dicomweb_auth):
         if error is not None:
             yield error_record(uri, error)
         else:
-            yield inspect_one(uri, pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint, policy=policy)
+            yield inspect_one(uri, pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint, policy=policy,
+                              dicomweb_auth=dicomweb_auth)
 
 
 def inspect_one(
@@ -44,11 +47,13 @@ def inspect_one(
     pseudonym_key: bytes | None = None,
     s3_endpoint: str | None = None,
     policy: DecodePolicy | None = None,
+    dicomweb_auth: DicomwebAuth | None = None,
 ) -> dict:
     """Read and decode one file; never raises for a bad or unreadable file."""
     # Messages name the file, not its directories (folder names may carry PHI);
     # the record's ``path`` says where it is.
-    reading = InputPolicy(decode=policy or DecodePolicy(), pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint)
+    reading = InputPolicy(decode=policy or DecodePolicy(), pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint,
+                          dicomweb_auth=dicomweb_auth)
     try:
         image = load_input(uri, reading).image
     except DecodeError as exc:

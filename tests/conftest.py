@@ -157,3 +157,16 @@ def s3_bucket(s3_server, request):
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return s3_server, name
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc (DICOMweb plugin on) on 127.0.0.1 for the session, or skip with the reason."""
+    from _orthanc import missing_reason, start_orthanc
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()

@@ -24,11 +24,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cxr_ray"
 # layer (tuples) are independent of each other: train, screen and serve never import one another.
 LAYERS: list[tuple[tuple[str, ...], ...]] = [
     (("cxr_ray.errors", "cxr_ray.optional", "cxr_ray.ray_session", "cxr_ray"),),
+    (("cxr_ray.dicomnet.web",),),  # DICOMweb transport: what io reads dicomweb:// inputs with
     (("cxr_ray.io",),),
     (("cxr_ray.preprocess",),),
     (("cxr_ray.models",), ("cxr_ray.data",), ("cxr_ray.synth",), ("cxr_ray.evaluate.metrics", "cxr_ray.evaluate.plots")),
     (("cxr_ray.engines",),),
     (("cxr_ray.explain",), ("cxr_ray.inspect",)),
+    (("cxr_ray.dicomnet",),),  # results as DICOM (SR, SC) and their destinations
     (("cxr_ray.evaluate.report", "cxr_ray.evaluate"),),
     (("cxr_ray.train",), ("cxr_ray.screen",), ("cxr_ray.serve",)),
     (("cxr_ray.bench",),),

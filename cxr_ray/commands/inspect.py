@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         "inputs",
         nargs="+",
         metavar="PATH_OR_URI",
-        help="file, directory, glob, s3:// URI or manifest",
+        help="file, directory, glob, s3:// URI, manifest, or dicomweb://HOST[:PORT]/PATH?QUERY (QIDO-RS study search)",
     )
     parser.add_argument(
         "--json",
@@ -34,15 +34,17 @@ def add_parser(subparsers) -> None:
     )
     add_shared(parser, "pseudonym_key_env", pseudonym_key_env="environment variable holding the HMAC key for "
                "patient/study/instance pseudonyms (without it the pseudonym fields are null)")
-    add_shared(parser, "s3_endpoint")
+    add_shared(parser, "s3_endpoint", "dicomweb_user_env", "dicomweb_password_env", "dicomweb_token_env")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxr_ray.dicomnet.web import auth_from_env
     from cxr_ray.inspect import inspect_inputs
 
     key = key_from_env(args.pseudonym_key_env)
+    auth = auth_from_env(args.dicomweb_user_env, args.dicomweb_password_env, args.dicomweb_token_env)
     out = sys.stdout
-    for record in inspect_inputs(args.inputs, pseudonym_key=key, s3_endpoint=args.s3_endpoint):
+    for record in inspect_inputs(args.inputs, pseudonym_key=key, s3_endpoint=args.s3_endpoint, dicomweb_auth=auth):
         out.write(json.dumps(record) + "\n")
         out.flush()
     return 0

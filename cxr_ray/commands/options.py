@@ -25,6 +25,12 @@ SHARED: dict[str, dict[str, Any]] = {
     "address": {"flag": "--address", "help": "Ray cluster address (else RAY_ADDRESS, else a local Ray)"},
     "pseudonym_key_env": {"flag": "--pseudonym-key-env", "metavar": "VAR",
                           "help": "environment variable holding the HMAC key for patient/study/instance pseudonyms"},
+    "dicomweb_user_env": {"flag": "--dicomweb-user-env", "metavar": "VAR",
+                          "help": "environment variable holding the DICOMweb HTTP basic user name"},
+    "dicomweb_password_env": {"flag": "--dicomweb-password-env", "metavar": "VAR",
+                              "help": "environment variable holding the DICOMweb HTTP basic password"},
+    "dicomweb_token_env": {"flag": "--dicomweb-token-env", "metavar": "VAR",
+                           "help": "environment variable holding a DICOMweb bearer token"},
     "model": {"flag": "--model", "metavar": "ARTIFACT", "required": True,
               "help": "model artifact directory (local or s3://)"},
 }

@@ -9,8 +9,9 @@ same way everywhere: a :class:`~cxr_ray.errors.DecodeError` whose ``code`` is
 file by its display name (the base name: directories may carry PHI) and never
 quotes what the storage layer said about the path.
 
-New kinds of input (``dicomweb://`` retrieval, say) are added here, behind
-the same function, and every surface gets them.
+New kinds of input are added here, behind the same function, and every
+surface gets them: ``dicomweb://`` instances are retrieved by WADO-RS with
+``InputPolicy.dicomweb_auth`` and then decoded like any file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import CxrRayError, DecodeError
 from cxr_ray.io.decode import decode_image
 from cxr_ray.io.storage import expand_inputs, read_bytes
@@ -49,6 +51,7 @@ class InputPolicy:
     pseudonym_key: bytes | None = None
     s3_endpoint: str | None = None
     sha256: bool = False
+    dicomweb_auth: DicomwebAuth | None = None
 
     @property
     def byte_limit(self) -> int:
@@ -100,7 +103,8 @@ def listing_error(spec: str, exc: BaseException) -> DecodeError:
 def read_input(uri: str, policy: InputPolicy, name: str) -> bytes:
     """The input's bytes, at most ``policy.byte_limit`` of them; raises only :class:`DecodeError`."""
     try:
-        return read_bytes(uri, s3_endpoint=policy.s3_endpoint, max_bytes=policy.byte_limit)
+        return read_bytes(uri, s3_endpoint=policy.s3_endpoint, max_bytes=policy.byte_limit,
+                          dicomweb_auth=policy.dicomweb_auth)
     except Exception as exc:  # noqa: BLE001 - any read failure is this input's error
         raise read_error(name, exc) from None
 
@@ -121,14 +125,15 @@ def load_input(uri: str, policy: InputPolicy, *, data: bytes | None = None, name
     return LoadedInput(uri=uri, name=name, image=image, nbytes=len(data), sha256=digest)
 
 
-def expand_reporting(specs: Iterable[str], s3_endpoint: str | None = None) -> Iterator[tuple[str, DecodeError | None]]:
+def expand_reporting(specs: Iterable[str], s3_endpoint: str | None = None,
+                     dicomweb_auth: DicomwebAuth | None = None) -> Iterator[tuple[str, DecodeError | None]]:
     """``(uri, None)`` per input file of ``specs``, and ``(spec, error)`` for a spec that could
     not be listed or matched nothing: a typo is reported, never silently dropped, and the
     other specs go on (``cxr-ray inspect`` and ``cxr-ray explain``)."""
     for spec in specs:
         found = False
         try:
-            for uri in expand_inputs(spec, s3_endpoint=s3_endpoint):
+            for uri in expand_inputs(spec, s3_endpoint=s3_endpoint, dicomweb_auth=dicomweb_auth):
                 found = True
                 yield uri, None
         except Exception as exc:  # noqa: BLE001 - missing input, bad glob, unreachable bucket: report, go on

@@ -11,6 +11,9 @@ Addressing
       ``--s3-endpoint``), ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, AWS.
       Other fsspec protocols (``gs://``, ``az://``, ...) work where their fsspec
       package is installed, without the streaming guarantees below.
+    * ``dicomweb://host[:port]/path?query`` (and ``dicomweb+https://``) is a
+      PACS: listed by QIDO-RS, read by WADO-RS (:mod:`cxr_ray.dicomnet.web`),
+      with the credentials passed as ``dicomweb_auth``.
 
 Expansion (:func:`expand_inputs`)
     * a directory (or an S3 prefix) yields every file below it, recursively;
@@ -73,6 +76,7 @@ import pyarrow.parquet as pq
 from fsspec.asyn import sync
 from fsspec.utils import glob_translate
 
+from cxr_ray.dicomnet.web import DicomwebAuth, is_dicomweb, list_instances, retrieve_instance
 from cxr_ray.errors import DecodeError, UsageError
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -170,13 +174,20 @@ def _as_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 # --------------------------------------------------------------------------- reading / writing
 
 
-def read_bytes(uri: str, s3_endpoint: str | None = None, max_bytes: int | None = None) -> bytes:
-    """The whole content of one file.
+def read_bytes(uri: str, s3_endpoint: str | None = None, max_bytes: int | None = None,
+               dicomweb_auth: DicomwebAuth | None = None) -> bytes:
+    """The whole content of one file (or one DICOMweb instance).
 
     With ``max_bytes``, a larger file raises ``DecodeError("too_large")`` after
     reading at most ``max_bytes + 1`` bytes (the size is not trusted from a
-    listing). A missing file raises ``FileNotFoundError``.
+    listing; a DICOMweb instance is checked once retrieved). A missing file
+    raises ``FileNotFoundError``.
     """
+    if is_dicomweb(uri):
+        data = retrieve_instance(uri, dicomweb_auth)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise DecodeError("too_large", f"{_display_name(uri)}: larger than the {max_bytes}-byte limit")
+        return data
     fs, path = get_filesystem(uri, s3_endpoint)
     if _is_local_fs(fs):
         _check_regular_file(path)
@@ -264,17 +275,31 @@ def expand_inputs(
     spec: str | os.PathLike | Sequence[str | os.PathLike],
     s3_endpoint: str | None = None,
     extensions: set[str] | frozenset[str] | None = None,
+    dicomweb_auth: DicomwebAuth | None = None,
 ) -> Iterator[str]:
-    """Yield input URIs (``s3://...`` or absolute local paths), lazily.
+    """Yield input URIs (``s3://...``, ``dicomweb://...`` or absolute local paths), lazily.
 
     ``spec`` is one spec or a sequence of them: a file, a directory/prefix, a
-    glob, or a ``.csv``/``.parquet`` manifest with a ``path`` column. See the
-    module docstring for ordering, skipping, filtering and memory behaviour.
+    glob, a ``.csv``/``.parquet`` manifest with a ``path`` column, or a
+    DICOMweb query (one URI per instance). See the module docstring for
+    ordering, skipping, filtering and memory behaviour.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     wanted = _normalise_extensions(extensions)
     for one in specs:
-        yield from _expand_one(os.fspath(one), s3_endpoint, wanted)
+        if is_dicomweb(os.fspath(one)):
+            yield from _expand_dicomweb(os.fspath(one), dicomweb_auth)
+        else:
+            yield from _expand_one(os.fspath(one), s3_endpoint, wanted)
+
+
+def _expand_dicomweb(spec: str, auth: DicomwebAuth | None) -> Iterator[str]:
+    found = False
+    for uri in list_instances(spec, auth):
+        found = True
+        yield uri
+    if not found:
+        raise InputNotFoundError(f"input not found: {spec} (the DICOMweb query matched no instances)")
 
 
 def _normalise_extensions(extensions: set[str] | frozenset[str] | None) -> frozenset[str] | None:

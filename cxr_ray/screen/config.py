@@ -90,6 +90,10 @@ class ScreenConfig:
     pseudonym_key_env: str | None = field(default=None, metadata={"shared": "pseudonym_key_env"})
     s3_endpoint: str | None = field(default=None, metadata={"shared": "s3_endpoint"})
     address: str | None = field(default=None, metadata={"shared": "address"})
+    # Credentials for dicomweb:// inputs and --dicom-results dicomweb://: the NAMES of the variables.
+    dicomweb_user_env: str | None = field(default=None, metadata={"shared": "dicomweb_user_env"})
+    dicomweb_password_env: str | None = field(default=None, metadata={"shared": "dicomweb_password_env"})
+    dicomweb_token_env: str | None = field(default=None, metadata={"shared": "dicomweb_token_env"})
     max_file_bytes: int | None = field(default=DEFAULT_MAX_FILE_BYTES, metadata=_flag(
         "files larger than this get error 'too_large'", flag="--max-file-mb", metavar="MB", type="mebibytes"))
     max_errored_blocks: int = 16  # lost batches tolerated in the first pass (then recovered)

@@ -32,6 +32,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import UsageError
 from cxr_ray.explain.batch import npy_bytes
 from cxr_ray.explain.methods import Explainer, check_supported
@@ -81,7 +82,8 @@ def heatmap_name(path: str, method: str) -> str:
     return f"{path_digests([path])[0].tobytes().hex()}.{method}"
 
 
-def stage_arguments(config: ScreenConfig, output: str, plan: Layout, cluster: dict[str, float]) -> dict[str, Any]:
+def stage_arguments(config: ScreenConfig, output: str, plan: Layout, cluster: dict[str, float],
+                    dicomweb_auth: DicomwebAuth | None = None) -> dict[str, Any]:
     """``map_batches`` arguments for :class:`HeatmapWriter` (``plan``: the job's :class:`Layout`):
     one to ``plan.actors[1]`` actors of :func:`~cxr_ray.screen.resources.heatmap_actor_cpus` each."""
     return {
@@ -96,6 +98,7 @@ def stage_arguments(config: ScreenConfig, output: str, plan: Layout, cluster: di
             "max_bytes": config.max_file_bytes,
             "num_threads": plan.threads_per_actor,
             "s3_endpoint": config.s3_endpoint,
+            "dicomweb_auth": dicomweb_auth,
         },
         "num_cpus": heatmap_actor_cpus(plan, cluster),
         "max_restarts": -1,
@@ -117,6 +120,7 @@ class HeatmapWriter:
         max_bytes: int | None = None,
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
+        dicomweb_auth: DicomwebAuth | None = None,
     ) -> None:
 
         if num_threads:
@@ -129,7 +133,8 @@ class HeatmapWriter:
         self.target = card.positive_index
         self.heatmaps = heatmaps
         # The stored size: overlays are drawn on the original image.
-        self.reading = InputPolicy(decode=policy or DecodePolicy(), max_bytes=max_bytes, s3_endpoint=s3_endpoint)
+        self.reading = InputPolicy(decode=policy or DecodePolicy(), max_bytes=max_bytes, s3_endpoint=s3_endpoint,
+                                   dicomweb_auth=dicomweb_auth)
         self.s3_endpoint = s3_endpoint
 
     def write(self, path: str) -> str:

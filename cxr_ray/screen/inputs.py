@@ -35,6 +35,7 @@ from ray.data import Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.io.storage import expand_inputs, open_output
 
 DIGEST_BYTES = 16
@@ -93,6 +94,7 @@ class InputListing(Datasource):
         done_ref,
         block_rows: int,
         stats_uri: str,
+        dicomweb_auth: DicomwebAuth | None = None,
     ) -> None:
         super().__init__()
         self.specs = [spec] if isinstance(spec, str) else list(spec)
@@ -100,6 +102,7 @@ class InputListing(Datasource):
         self.done_ref = done_ref
         self.block_rows = int(block_rows)
         self.stats_uri = stats_uri
+        self.dicomweb_auth = dicomweb_auth
 
     def get_name(self) -> str:
         return "ListInputs"
@@ -110,10 +113,10 @@ class InputListing(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
         specs, s3_endpoint, done_ref = self.specs, self.s3_endpoint, self.done_ref
-        block_rows, stats_uri = self.block_rows, self.stats_uri
+        block_rows, stats_uri, auth = self.block_rows, self.stats_uri, self.dicomweb_auth
         return [
             ReadTask(
-                lambda: _list_blocks(specs, s3_endpoint, done_ref, block_rows, stats_uri),
+                lambda: _list_blocks(specs, s3_endpoint, done_ref, block_rows, stats_uri, auth),
                 meta,
                 per_task_row_limit=per_task_row_limit,
             )
@@ -121,7 +124,8 @@ class InputListing(Datasource):
 
 
 def _list_blocks(
-    specs: list[str], s3_endpoint: str | None, done_ref, block_rows: int, stats_uri: str
+    specs: list[str], s3_endpoint: str | None, done_ref, block_rows: int, stats_uri: str,
+    auth: DicomwebAuth | None = None,
 ) -> Iterator[pa.Table]:
     done: DoneSet = ray.get(done_ref) if done_ref is not None else DoneSet()
     listed = already = 0
@@ -135,7 +139,7 @@ def _list_blocks(
         return pa.table({"path": pa.array(kept, pa.string())}) if kept else None
 
     pending: list[str] = []
-    for path in expand_inputs(specs, s3_endpoint=s3_endpoint):
+    for path in expand_inputs(specs, s3_endpoint=s3_endpoint, dicomweb_auth=auth):
         listed += 1
         pending.append(path)
         if len(pending) >= block_rows:

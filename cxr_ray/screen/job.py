@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import ray
 
+from cxr_ray.dicomnet.web import DicomwebAuth, auth_from_env
 from cxr_ray.errors import UsageError
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
@@ -69,12 +70,17 @@ def _check_resume(scan: PartsScan, card: ModelCard, output: str) -> None:
         )
 
 
-def _check_before_any_work(config: ScreenConfig, card: ModelCard) -> None:
+def dicomweb_auth(config: ScreenConfig) -> DicomwebAuth | None:
+    """The DICOMweb credentials the flags name (read here, in the driver, like the pseudonym key)."""
+    return auth_from_env(config.dicomweb_user_env, config.dicomweb_password_env, config.dicomweb_token_env)
+
+
+def _check_before_any_work(config: ScreenConfig, card: ModelCard, auth: DicomwebAuth | None) -> None:
     prob_columns(card.classes)  # refuse class names that collide as columns, before any work
     check_heatmaps(card, config.heatmaps, config.heatmap_method)  # and heatmaps this model cannot have
     for spec in config.inputs:  # fail now, not in the middle of the run, if one names nothing
         try:
-            next(iter(expand_inputs(spec, s3_endpoint=config.s3_endpoint)))
+            next(iter(expand_inputs(spec, s3_endpoint=config.s3_endpoint, dicomweb_auth=auth)))
         except StopIteration:
             raise UsageError(f"no inputs in {spec}") from None
 
@@ -92,15 +98,16 @@ def _passes(config: ScreenConfig, shared: PassInputs, done_ref: Any) -> tuple[li
     crashed = 0
     if second.missing:
         crashed = write_crashed_rows(config, shared.layout, scan_parts(shared.layout).done_set(), shared.card,
-                                     shared.run_id)
+                                     shared.run_id, shared.dicomweb_auth)
     return [first, second], crashed
 
 
 def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     """Screen ``config.inputs`` into ``config.output``; returns the run summary (also written)."""
     key = key_from_env(config.pseudonym_key_env)
+    auth = dicomweb_auth(config)
     card = check_inputs_and_output(config)  # the artifact is whole, the output writable
-    _check_before_any_work(config, card)
+    _check_before_any_work(config, card, auth)
     joins = joins_a_cluster(config.address)
     if not joins:
         check_local_hardware(config)  # before Ray starts: one error line, no actor retries
@@ -124,7 +131,8 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[st
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     started_at = datetime.now(timezone.utc)
     t0 = time.time()
-    shared = PassInputs(layout=layout, run_id=run_id, key=key, card=card, stream=stream or sys.stderr)
+    shared = PassInputs(layout=layout, run_id=run_id, key=key, card=card, stream=stream or sys.stderr,
+                        dicomweb_auth=auth)
     try:
         passes, crashed_rows = _passes(config, shared, done_ref)
     finally:

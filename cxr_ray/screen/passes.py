@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data import DataContext
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import CxrRayError
 from cxr_ray.models.card import ModelCard
 from cxr_ray.screen.config import ScreenConfig
@@ -169,6 +170,7 @@ class PassInputs:
     key: bytes | None
     card: ModelCard
     stream: TextIO
+    dicomweb_auth: DicomwebAuth | None = None
 
 
 def _decode_kwargs(config: ScreenConfig, shared: PassInputs) -> dict[str, Any]:
@@ -178,6 +180,7 @@ def _decode_kwargs(config: ScreenConfig, shared: PassInputs) -> dict[str, Any]:
         "pseudonym_key": shared.key,
         "s3_endpoint": config.s3_endpoint,
         "max_bytes": config.max_file_bytes,
+        "dicomweb_auth": shared.dicomweb_auth,
     }
 
 
@@ -185,7 +188,7 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
               stats_uri: str) -> ray.data.Dataset:
     """listing -> decode -> predict [-> heatmaps] -> write, as one lazy Ray Data dataset of stats rows."""
     listing = InputListing(config.inputs, s3_endpoint=config.s3_endpoint, done_ref=done_ref,
-                           block_rows=LISTING_PAGE, stats_uri=stats_uri)
+                           block_rows=LISTING_PAGE, stats_uri=stats_uri, dicomweb_auth=shared.dicomweb_auth)
     source = ray.data.read_datasource(listing, override_num_blocks=1, num_cpus=0)
     decode_kwargs = _decode_kwargs(config, shared)
     ds = _decode_sized_blocks(source, config.decode_batch_size)
@@ -223,7 +226,8 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
         **predictor_args,
     )
     if config.heatmaps != "none":  # overlays for flagged rows, between predicting and writing
-        ds = ds.map_batches(HeatmapWriter, **stage_arguments(config, shared.layout.uri, plan, ray.cluster_resources()))
+        ds = ds.map_batches(HeatmapWriter, **stage_arguments(config, shared.layout.uri, plan, ray.cluster_resources(),
+                                                             shared.dicomweb_auth))
     return ds.map_batches(
         write_batch, batch_size=config.rows_per_part, batch_format="pyarrow",  # type: ignore[arg-type]
         fn_kwargs={"output": shared.layout.uri, "s3_endpoint": config.s3_endpoint},

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.io.inputs import display_name
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.models.card import ModelCard
@@ -22,7 +23,8 @@ from cxr_ray.screen.schema import STATUS_ERROR, WORKER_CRASHED, output_schema
 
 
 def write_crashed_rows(
-    config: ScreenConfig, layout: OutputLayout, done: DoneSet, card: ModelCard, run_id: str
+    config: ScreenConfig, layout: OutputLayout, done: DoneSet, card: ModelCard, run_id: str,
+    dicomweb_auth: DicomwebAuth | None = None,
 ) -> int:
     """Driver-side last resort: an ``error``/``worker_crashed`` row for every listed input still missing."""
     schema = output_schema(card.classes)
@@ -51,7 +53,7 @@ def write_crashed_rows(
         written += n
         pending.clear()
 
-    for path in expand_inputs(config.inputs, s3_endpoint=config.s3_endpoint):
+    for path in expand_inputs(config.inputs, s3_endpoint=config.s3_endpoint, dicomweb_auth=dicomweb_auth):
         if not done.contains(path_digests([path]))[0]:
             pending.append(path)
             if len(pending) >= config.rows_per_part:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.engines.load import load_backend
 from cxr_ray.errors import DecodeError
 from cxr_ray.io.deadline import process_backstop
@@ -66,7 +67,8 @@ def _reading(decode: dict) -> InputPolicy:
     """How :func:`decode_batch` (given ``decode``, its keyword arguments) reads and decodes."""
     size = PreprocessConfig.from_dict(decode["preprocessing"]).image_size
     return InputPolicy(decode=decode.get("policy") or DecodePolicy(), max_bytes=decode.get("max_bytes"),
-                       target_size=size, pseudonym_key=decode.get("pseudonym_key"), s3_endpoint=decode.get("s3_endpoint"))
+                       target_size=size, pseudonym_key=decode.get("pseudonym_key"), s3_endpoint=decode.get("s3_endpoint"),
+                       dicomweb_auth=decode.get("dicomweb_auth"))
 
 
 def _cuda_of(backend: object) -> torch.device | None:
@@ -83,12 +85,13 @@ def decode_batch(
     pseudonym_key: bytes | None = None,
     s3_endpoint: str | None = None,
     max_bytes: int | None = None,
+    dicomweb_auth: DicomwebAuth | None = None,
 ) -> pa.Table:
     """``path`` column -> decode-stage table (:func:`~cxr_ray.screen.schema.decoded_schema`)."""
     config = PreprocessConfig.from_dict(preprocessing)
     size = config.image_size
     reading = _reading({"preprocessing": preprocessing, "policy": policy, "pseudonym_key": pseudonym_key,
-                        "s3_endpoint": s3_endpoint, "max_bytes": max_bytes})
+                        "s3_endpoint": s3_endpoint, "max_bytes": max_bytes, "dicomweb_auth": dicomweb_auth})
     crash_on = os.environ.get(CRASH_ON_ENV)
     paths = table.column("path").to_pylist()
     columns: dict[str, list] = {name: [] for name in META_COLUMNS}
