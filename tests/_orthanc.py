@@ -60,9 +60,12 @@ class Orthanc:
         """The ``dicomweb://`` URI of this server's DICOMweb root (no query)."""
         return f"dicomweb://127.0.0.1:{self.http_port}/dicom-web"
 
-    def upload(self, path: str | Path) -> dict:
-        """Store one Part-10 file through Orthanc's REST API (not DICOMweb: the tests' setup)."""
+    def upload(self, path: str | Path, *, refused_ok: bool = False) -> dict | None:
+        """Store one Part-10 file through Orthanc's REST API (not DICOMweb: the tests' setup).
+        ``refused_ok``: a file Orthanc refuses (400: it cannot parse it) gives None instead of raising."""
         response = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(), timeout=30)
+        if refused_ok and response.status_code == 400:
+            return None
         response.raise_for_status()
         return response.json()
 

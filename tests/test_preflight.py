@@ -73,9 +73,13 @@ def test_an_unwritable_output_is_refused_and_a_writable_one_left_clean(tmp_path)
     blocker.write_text("x")
     with pytest.raises(UsageError, match=r"--output .*a-file/run: cannot write there"):
         check_writable(str(blocker / "run"))
-    good = tmp_path / "out"
-    check_writable(str(good))
-    assert list(good.iterdir()) == []  # the probe is gone
+    new = tmp_path / "out" / "run"
+    check_writable(str(new))
+    assert not (tmp_path / "out").exists()  # the probe and the folders it made are gone
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    check_writable(str(existing))
+    assert existing.is_dir() and list(existing.iterdir()) == []  # a folder that was there stays, empty
 
 
 def test_a_broken_artifact_is_refused(artifact, tmp_path):

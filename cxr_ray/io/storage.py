@@ -63,9 +63,11 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import stat as statmod
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -249,6 +251,18 @@ def open_output(uri: str, mode: str = "wb", s3_endpoint: str | None = None, **kw
     handle.close()
 
 
+def _topmost_missing_folder(uri: str) -> Path | None:
+    """The outermost folder of a local ``uri`` that does not exist yet (None if it exists or is not local)."""
+    if "://" in str(uri):
+        return None
+    missing = Path(uri).absolute()
+    if missing.exists():
+        return None
+    while not missing.parent.exists():
+        missing = missing.parent
+    return missing
+
+
 def check_writable(uri: str, s3_endpoint: str | None = None, option: str = "--output") -> None:
     """Write and delete a small probe object under ``uri``; :class:`UsageError` naming ``option`` if that fails.
 
@@ -257,11 +271,14 @@ def check_writable(uri: str, s3_endpoint: str | None = None, option: str = "--ou
     should stop the command at once, not after the first batch is screened.
     """
     probe = join(uri, f"_write_check.{uuid.uuid4().hex[:12]}")
+    created = _topmost_missing_folder(uri)
     try:
         with open_output(probe, "wb", s3_endpoint=s3_endpoint) as handle:
             handle.write(b"cxr-ray write check\n")
         fs, path = get_filesystem(probe, s3_endpoint)
         fs.rm(path)
+        if created is not None:  # a refused run later leaves no trace: the folders the probe made go too
+            shutil.rmtree(created, ignore_errors=True)
     except Exception as exc:  # noqa: BLE001 - whatever the storage says, it is this option's problem
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise UsageError(f"{option} {uri}: cannot write there ({reason}); choose another location or fix its "

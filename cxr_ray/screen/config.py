@@ -56,7 +56,8 @@ class ScreenConfig:
 
     model: str = field(metadata=_flag("model artifact directory (local or s3://)"))
     inputs: list[str] = field(metadata=_flag(
-        "file, directory, s3:// prefix, glob, or .csv/.parquet manifest with a 'path' column (repeatable)",
+        "file, directory, s3:// prefix, glob, .csv/.parquet manifest with a 'path' column, or "
+        "dicomweb://HOST[:PORT]/PATH?QUERY (QIDO-RS study search, e.g. ModalitiesInStudy=CR,DX) (repeatable)",
         flag="--input", metavar="URI_GLOB_OR_MANIFEST", action="append"))
     output: str = field(metadata=_flag("output prefix (local directory or s3://): parts/, _summary.json, _SUCCESS"))
     backend: str = field(default="auto", metadata=_flag("inference engine", choices=BACKEND_NAMES))
@@ -106,6 +107,10 @@ class ScreenConfig:
     heatmaps: str = field(default="none", metadata=_flag(
         "flagged: write a heatmap overlay PNG (+ raw .npy) per flagged row under OUTPUT/_heatmaps/, its path "
         "in the row's heatmap_path column", choices=HEATMAP_MODES))
+    dicom_results: str | None = field(default=None, metadata=_flag(
+        "also write a DICOM Comprehensive SR per ok DICOM input (finding, score, threshold, flagged, model), "
+        "into this folder / s3:// prefix, or to a PACS by STOW-RS (dicomweb://HOST[:PORT]/PATH); it carries the "
+        "patient's real identifiers, copied from the source header", metavar="DIR_OR_DICOMWEB"))
     heatmap_method: str = field(default="gradcam", metadata=_flag(
         f"explanation for --heatmaps: {explain_methods_help()}", choices=EXPLAIN_METHODS))
 

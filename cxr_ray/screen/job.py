@@ -28,17 +28,20 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
-from cxr_ray.dicomnet.web import DicomwebAuth, auth_from_env
+from cxr_ray.dicomnet.web import DicomwebAuth, auth_from_env, is_dicomweb, parse
 from cxr_ray.errors import UsageError
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.models.card import ModelCard
 from cxr_ray.ray_session import connect
 from cxr_ray.screen.config import ScreenConfig
+from cxr_ray.screen.dicom_results import count_not_stored
 from cxr_ray.screen.heatmaps import check_heatmaps
-from cxr_ray.screen.output import OutputLayout
+from cxr_ray.screen.output import SUMMARY_FILE, OutputLayout
 from cxr_ray.screen.passes import ISOLATE_PASS, PassInputs, PassResult, run_pass
 from cxr_ray.screen.preflight import (
     check_cluster_hardware,
@@ -47,7 +50,7 @@ from cxr_ray.screen.preflight import (
     joins_a_cluster,
 )
 from cxr_ray.screen.recovery import write_crashed_rows
-from cxr_ray.screen.schema import prob_columns
+from cxr_ray.screen.schema import STATUS_OK, prob_columns
 from cxr_ray.screen.summary import PartsScan, finish_run, scan_parts
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,19 @@ def _passes(config: ScreenConfig, shared: PassInputs, done_ref: Any) -> tuple[li
     return [first, second], crashed
 
 
+def dicom_results_summary(layout: OutputLayout, target: str) -> dict[str, Any]:
+    """How many SRs the output's rows got, and how many could not be stored (all runs into it)."""
+    ok_dicom = not_stored = 0
+    for _, table in layout.read_parts(layout.list_parts(), ["status", "format", "warnings"]):
+        if isinstance(table, Exception):
+            continue  # scan_parts has already quarantined what it could not read
+        ok = pc.and_(pc.equal(table.column("status"), STATUS_OK), pc.equal(table.column("format"), "dicom"))
+        ok_dicom += int(pc.sum(ok.cast(pa.int64())).as_py() or 0)
+        not_stored += count_not_stored(table.column("warnings").to_pylist())
+    destination = parse(target).service if is_dicomweb(target) else target  # never a query string
+    return {"destination": destination, "stored": ok_dicom - not_stored, "not_stored": not_stored}
+
+
 def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     """Screen ``config.inputs`` into ``config.output``; returns the run summary (also written)."""
     key = key_from_env(config.pseudonym_key_env)
@@ -139,6 +155,9 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[st
         if started_ray:
             ray.shutdown()
     summary = finish_run(layout, card, run_id, started_at, time.time() - t0, passes, crashed_rows, resumed_rows)
+    if config.dicom_results:
+        summary["dicom_results"] = dicom_results_summary(layout, config.dicom_results)
+        layout.write_json(SUMMARY_FILE, summary)
     if summary["complete"]:
         layout.write_marker()  # last: readers may trust everything before it
     return summary

@@ -7,6 +7,7 @@
       -> decode_batch      CPU tasks: read bytes, decode, preprocess (one row per input, errors included);
                            on CPU-only clusters the Predictor actors run it on their own batches instead
       -> Predictor         actor pool, one backend per actor, GPUs when there are any
+     [-> dicom results     only with --dicom-results: tasks, a Comprehensive SR per ok DICOM row]
      [-> HeatmapWriter     only with heatmaps="flagged": actor pool, overlay PNG per flagged row]
       -> write_batch       one atomic, content-addressed Parquet part per ``rows_per_part`` rows
       -> driver            counts the parts' stats rows, prints progress
@@ -31,6 +32,8 @@ from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import CxrRayError
 from cxr_ray.models.card import ModelCard
 from cxr_ray.screen.config import ScreenConfig
+from cxr_ray.screen.dicom_results import stage_arguments as dicom_results_arguments
+from cxr_ray.screen.dicom_results import write_dicom_results
 from cxr_ray.screen.heatmaps import HeatmapWriter, stage_arguments
 from cxr_ray.screen.inputs import InputListing, listing_stats_name
 from cxr_ray.screen.output import RUNS_DIR, OutputLayout
@@ -225,6 +228,8 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
         },
         **predictor_args,
     )
+    if config.dicom_results:  # an SR per ok DICOM row, before the rows are written (they carry its warnings)
+        ds = ds.map_batches(write_dicom_results, **dicom_results_arguments(config, shared.dicomweb_auth))  # type: ignore[arg-type]
     if config.heatmaps != "none":  # overlays for flagged rows, between predicting and writing
         ds = ds.map_batches(HeatmapWriter, **stage_arguments(config, shared.layout.uri, plan, ray.cluster_resources(),
                                                              shared.dicomweb_auth))

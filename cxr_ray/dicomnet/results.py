@@ -1,0 +1,74 @@
+"""Where results as DICOM go (``--dicom-results``): a folder / prefix, or a PACS by STOW-RS.
+
+* ``dicomweb://HOST[:PORT]/PATH`` (or ``dicomweb+https://``): STOW-RS to that
+  service (credentials: the same ``--dicomweb-*-env`` variables as inputs);
+* anything else is a local directory or an ``s3://`` prefix: each object is
+  written as ``<SOP Instance UID>.dcm``, atomically. The UIDs are derived
+  from the source instance (:func:`cxr_ray.dicomnet.sr.derived_uid`), so a
+  rewrite replaces, never duplicates.
+
+:func:`result_for_row` turns one screening row and its source header into
+the SR: the one rule both the screening job and the HTTP endpoint use.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import pydicom
+
+from cxr_ray.dicomnet.sr import Result, build_sr
+from cxr_ray.dicomnet.web import DicomwebAuth, is_dicomweb, parse, store_instances
+from cxr_ray.io.storage import join, open_output
+
+
+def part10(dataset: pydicom.Dataset) -> bytes:
+    """``dataset`` as DICOM Part-10 bytes (preamble, ``DICM``, file meta)."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class ResultsSink:
+    """Sends result objects to one destination; raises (a typed error or the storage's) on failure."""
+
+    def __init__(self, target: str, *, dicomweb_auth: DicomwebAuth | None = None,
+                 s3_endpoint: str | None = None) -> None:
+        if is_dicomweb(target):
+            parse(target)  # a UsageError now, not per instance
+        self.target = target
+        self.auth = dicomweb_auth
+        self.s3_endpoint = s3_endpoint
+
+    def send(self, dataset: pydicom.Dataset) -> str:
+        """Store one object; returns where it went (URI)."""
+        if is_dicomweb(self.target):
+            store_instances(self.target, [dataset], self.auth)
+            return parse(self.target).service
+        uri = join(self.target, f"{dataset.SOPInstanceUID}.dcm")
+        with open_output(uri, "wb", s3_endpoint=self.s3_endpoint) as handle:
+            handle.write(part10(dataset))
+        return uri
+
+
+def result_for_row(row: Mapping[str, Any], positive_class: str | None = None) -> Result:
+    """The SR's content from a screening row (``predicted_label``, ``score``, ``threshold``, ...)."""
+    flagged = row.get("flagged")
+    score = row.get("score")
+    return Result(
+        predicted_label=str(row["predicted_label"]),
+        score=None if score is None else float(score),
+        threshold=float(row["threshold"]),
+        flagged=None if flagged is None else bool(flagged),
+        model_name=str(row["model_name"]),
+        model_version=str(row["model_version"]),
+        positive_class=positive_class,
+    )
+
+
+def sr_for(data: bytes, row: Mapping[str, Any]) -> pydicom.Dataset:
+    """The Comprehensive SR for one screened DICOM input (``data``: its Part-10 bytes)."""
+    header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return build_sr(header, result_for_row(row))
