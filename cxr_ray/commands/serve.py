@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
         "--precision", default="auto", choices=PRECISION_NAMES,
         help="auto: fp16 on GPUs, fp32 on CPUs; bf16: opt-in on CPUs with AVX512-BF16 / AMX (torch, checked vs fp32)",
     )
+    parser.add_argument("--tta", type=int, default=1, metavar="N",
+                        help="test-time augmentation: mean over N fixed views per image (default 1 = off)")
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR",
         help="require the header X-API-Key equal to the value of this environment variable",
@@ -80,6 +82,7 @@ def build_args(args: argparse.Namespace):
             model=args.model,
             backend=args.backend,
             precision=args.precision,
+            tta=args.tta,
             device=args.device,
             s3_endpoint=args.s3_endpoint,
             api_key_env=args.api_key_env,

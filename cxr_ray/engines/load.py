@@ -43,6 +43,7 @@ from cxr_ray.engines.registry import (
 )
 from cxr_ray.engines.request import EngineRequest
 from cxr_ray.engines.tensorrt.runtime import tensorrt_available
+from cxr_ray.engines.tta import TTABackend, check_views
 from cxr_ray.models.artifact import load_card, localize
 from cxr_ray.models.card import ModelCard
 
@@ -74,13 +75,15 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     """Build the engine ``name`` for the artifact at ``artifact_uri``.
 
     ``request`` (or its fields as keyword arguments: ``device``, ``precision``,
-    ``num_threads``, ``s3_endpoint``, ``max_batch``, ``compile``) says how to
+    ``num_threads``, ``s3_endpoint``, ``max_batch``, ``compile``, ``tta``) says how to
     run it; see :class:`~cxr_ray.engines.request.EngineRequest`.
     """
     request = replace(request or EngineRequest(), **options)  # type: ignore[arg-type]
     check_precision(request.precision)
     engine = resolve_backend_name(name, request.device, request.precision)
     request = replace(request, auto=name == AUTO)
+    check_views(request.tta)
     root = localize(artifact_uri, request.s3_endpoint)
     card = load_card(str(root))
-    return _provisioner(engine)(root, card, request)
+    backend = _provisioner(engine)(root, card, request)
+    return TTABackend(backend, request.tta) if request.tta > 1 else backend

@@ -15,7 +15,7 @@ class EngineRequest:
     each engine's registry entry says what it accepts. ``num_threads``: CPU
     threads of ONNX Runtime / torch. ``max_batch``: the TensorRT profile's
     largest batch (bigger batches are chunked). ``compile``: ``torch.compile``
-    for the torch engine.
+    for the torch engine. ``tta``: the mean over that many fixed views per image.
     """
 
     device: str | None = None
@@ -24,5 +24,6 @@ class EngineRequest:
     s3_endpoint: str | None = None
     max_batch: int | None = None
     compile: bool = False
+    tta: int = 1  # test-time augmentation views per image (1 = off; see cxr_ray.engines.tta)
     # True when the caller asked for "auto": ONNX Runtime then stays on the CPU unless a device is given.
     auto: bool = False

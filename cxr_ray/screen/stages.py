@@ -116,6 +116,7 @@ class Predictor:
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
         decode: dict | None = None,
+        tta: int = 1,
     ) -> None:
         """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
         batches (``path`` tables in), None when a decode stage runs before it."""
@@ -125,7 +126,8 @@ class Predictor:
             # On a GPU actor, "auto" without TensorRT means torch on CUDA, not ONNX Runtime on the CPU.
             backend = "tensorrt" if resolve_backend_name("auto", device, precision) == "tensorrt" else "torch"
         self.backend = load_backend(
-            artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint
+            artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint,
+            tta=tta,
         )
         self.run_id = run_id
         self.image_size = self.card.image_size
