@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr_ray.bench.measure import BENCH_CLASSES
+from cxr_ray.bench.artifacts import BENCH_CLASSES
 from cxr_ray.engines.onnxruntime.build import export_onnx
 from cxr_ray.models.artifact import save_artifact
 from cxr_ray.models.build import build_model

@@ -122,7 +122,7 @@ def test_auto_picks_onnxruntime_on_this_machine(artifact):
 def test_unknown_backend_name_suggests_the_closest():
     with pytest.raises(ValueError, match="Did you mean 'onnxruntime'"):
         resolve_backend_name("onnxrutime")
-    assert BACKEND_NAMES == ("auto", "tensorrt", "onnxruntime", "torch")
+    assert BACKEND_NAMES == ("auto", "tensorrt", "onnxruntime", "torch", "onnxruntime-trt")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

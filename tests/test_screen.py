@@ -202,7 +202,7 @@ def test_layout_defaults():
     assert cpu.decode_in_actors and cpu.decode_cpus == 0.0  # CPU-only: each actor decodes its own batches
     tasks = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", decode_cpus=0.5), {"CPU": 8.0})
     assert not tasks.decode_in_actors and tasks.decode_cpus == 0.5  # asking for decode CPUs asks for decode tasks
-    gpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o"), {"CPU": 16.0, "GPU": 4.0})
+    gpu = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", decode="cpu"), {"CPU": 16.0, "GPU": 4.0})
     assert gpu.actors == (1, 4) and gpu.gpus_per_actor == 1.0 and gpu.decode_cpus == 1.0 and not gpu.decode_in_actors
     half = plan_layout(ScreenConfig(model="m", inputs=["i"], output="o", gpus_per_actor=0.5), {"CPU": 16.0, "GPU": 2.0})
     assert half.actors == (1, 4)

@@ -1,21 +1,18 @@
-"""What the benchmarks measure with: cores available, CPU seconds of a process tree, random-weight artifacts."""
+"""What the benchmarks measure with: cores available, CPU seconds of a process tree (random-weight
+artifacts: :mod:`cxr_ray.bench.artifacts`, re-exported here)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-from pathlib import Path
 from typing import Any
 
 import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
-import torch
 
-from cxr_ray.models.artifact import save_artifact
-from cxr_ray.models.build import build_model
-from cxr_ray.models.card import new_card
+from cxr_ray.bench.artifacts import BENCH_CLASSES, random_artifact
 
-BENCH_CLASSES = ["covid", "normal", "pneumonia"]
+__all__ = ["BENCH_CLASSES", "CpuMeter", "cores", "random_artifact"]
 
 
 def cores() -> int:
@@ -24,17 +21,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def random_artifact(directory: str | os.PathLike, arch: str, image_size: int | None = None, *,
-                    positive_class: str | None = "covid", seed: int = 0) -> str:
-    """A seeded random-weight artifact of ``arch``: the same version every run (speed does not depend
-    on the weights, and a cached ONNX export is found again)."""
-    torch.manual_seed(seed)
-    card = new_card(name=f"bench-{arch}", arch=arch, classes=BENCH_CLASSES, image_size=image_size,
-                    positive_class=positive_class)
-    save_artifact(Path(directory), build_model(arch, len(BENCH_CLASSES)).eval(), card)
-    return str(directory)
 
 
 class CpuMeter:

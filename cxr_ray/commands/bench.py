@@ -23,6 +23,7 @@ SUITES = {
     "train": "training images/s: Ray Train loop vs a plain PyTorch loop, same data and model",
     "screen": "screening job images/s vs this machine's bound and a plain PyTorch DataLoader",
     "serve": "HTTP endpoint latency / throughput, batching on vs off (Ray Serve, loopback)",
+    "gpu": "the GPU path without Ray: engine img/s, GPU decode vs one core, decode -> model end to end",
 }
 
 

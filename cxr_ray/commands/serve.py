@@ -16,6 +16,7 @@ import time
 from cxr_ray.commands.options import add_shared
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
+from cxr_ray.io.gpu.mode import DECODE_MODES
 
 APP_NAME = "cxr-ray"
 
@@ -42,6 +43,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--tta", type=int, default=1, metavar="N",
                         help="test-time augmentation: mean over N fixed views per image (default 1 = off)")
+    parser.add_argument(
+        "--decode", default="auto", choices=DECODE_MODES,
+        help="where requests are decoded: gpu (nvImageCodec on the model's GPU, fused topology; inputs it cannot "
+        "take fall back to the CPU with the reason in warnings), cpu, auto (gpu where the model runs on a GPU)",
+    )
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR",
         help="require the header X-API-Key equal to the value of this environment variable",
@@ -84,6 +90,7 @@ def build_args(args: argparse.Namespace):
             precision=args.precision,
             tta=args.tta,
             device=args.device,
+            decode=args.decode,
             s3_endpoint=args.s3_endpoint,
             api_key_env=args.api_key_env,
             max_body_mb=args.max_body_mb,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,14 @@ class Backend(ABC):
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) float32 -> (N, K) float32 probabilities."""
+
+    def predict_tensor(self, batch: Any) -> np.ndarray:
+        """The same for a torch tensor on any device (GPU-decoded batches).
+
+        Engines that run on that device take it as it is (torch, TensorRT: no host round trip);
+        this default copies it to the host and calls :meth:`predict`.
+        """
+        return self.predict(batch.detach().to("cpu").numpy())
 
     def check_batch(self, batch: np.ndarray) -> np.ndarray:
         """Validate shape/dtype once, here, so every backend fails the same way."""

@@ -1,15 +1,18 @@
 """``load_backend``: one artifact in, one ready :class:`Backend` out, whichever engine runs it.
 
-``name="auto"`` picks, without measuring anything at load time (the one place
-this policy is written):
+``name="auto"`` picks, without measuring anything at load time, by the ranks
+and probes of the registry entries (:func:`~cxr_ray.engines.registry.auto_candidates`):
 
-* ``tensorrt`` when the ``tensorrt`` package imports and torch sees a CUDA GPU
-  (and ``device`` is not ``"cpu"``);
-* otherwise ``onnxruntime`` on the CPU: measured fastest fp32 engine on CPU
-  for every registered architecture (``cxr-ray bench backends``), and it is a
-  plain dependency, so ``auto`` never fails for want of an optional package;
-* except when ``precision="bf16"`` is asked for on the CPU: then ``torch``
-  (oneDNN bf16 kernels), the only engine here that runs bf16 natively.
+* on a GPU (torch sees one and ``device`` is not ``"cpu"``): ``tensorrt`` when the
+  ``tensorrt`` package imports, else ``onnxruntime-trt`` where onnxruntime-gpu has
+  its TensorRT provider and TensorRT's libraries, else ``torch`` on CUDA (fp16
+  autocast, checked against fp32 at load); for an explicit fp32, ``tensorrt`` or
+  ``torch``, ONNX Runtime's CUDA provider last;
+* on a CPU: ``onnxruntime``, measured fastest fp32 engine on CPU for every
+  registered architecture (``cxr-ray bench backends``), and a plain dependency,
+  so ``auto`` never fails for want of an optional package; ``torch`` when
+  ``precision="bf16"`` is asked for (oneDNN bf16 kernels), the only engine here
+  that runs bf16 natively.
 
 ``precision="auto"`` means what each engine's registry entry says: fp16 on a
 GPU (TensorRT / torch autocast) and fp32 on the CPU. Reduced precision on the
@@ -32,18 +35,22 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from cxr_ray.engines.base import Backend
 from cxr_ray.engines.contract import TOLERANCES
 from cxr_ray.engines.registry import (
     AUTO,
     BACKEND_NAMES,
     PRECISION_NAMES,
+    Engine,
+    auto_candidates,
     check_precision,
     get_engine,
 )
 from cxr_ray.engines.request import EngineRequest
-from cxr_ray.engines.tensorrt.runtime import tensorrt_available
 from cxr_ray.engines.tta import TTABackend, check_views
+from cxr_ray.errors import UsageError
 from cxr_ray.models.artifact import load_card, localize
 from cxr_ray.models.card import ModelCard
 
@@ -55,13 +62,35 @@ REDUCED_PRECISION_ATOL = TOLERANCES[("torch", "bf16")]
 Provision = Callable[[Path, ModelCard, EngineRequest], Backend]
 
 
+def cuda_visible() -> bool:
+    """torch sees a CUDA GPU (Ray gives actors without GPUs none: ``CUDA_VISIBLE_DEVICES`` is empty there)."""
+    return bool(torch.cuda.is_available())
+
+
+def _probe(engine: Engine) -> bool:
+    """The engine's ``gpu_probe`` (``module:function``), imported only now."""
+    if engine.gpu_probe is None:
+        return True
+    module, _, function = engine.gpu_probe.partition(":")
+    return bool(getattr(importlib.import_module(module), function)())
+
+
 def resolve_backend_name(name: str, device: str | None = None, precision: str = AUTO) -> str:
-    """The concrete engine ``name`` stands for on this machine."""
+    """The concrete engine ``name`` stands for on this machine.
+
+    ``auto``: on a GPU (``device`` None or ``cuda[:N]`` and torch sees one), the first of
+    :func:`~cxr_ray.engines.registry.auto_candidates` that runs ``precision`` there and whose probe
+    finds what it needs installed; on a CPU, the first that runs ``precision`` on a CPU.
+    """
     if name != AUTO:
         return get_engine(name).name  # unknown names: the closest valid one is suggested
-    if device != "cpu" and tensorrt_available():
-        return "tensorrt"
-    return "torch" if precision == "bf16" else "onnxruntime"
+    on_gpu = device != "cpu" and cuda_visible()
+    candidates = auto_candidates(on_gpu=on_gpu)
+    for engine in candidates:
+        if engine.runs(precision, on_cpu=not on_gpu) and (not on_gpu or _probe(engine)):
+            return engine.name
+    candidates[0].resolve_precision(precision, on_cpu=not on_gpu)  # its refusal says what would run it
+    raise UsageError(f"no engine installed here runs precision={precision} on the {'GPU' if on_gpu else 'CPU'}")
 
 
 def _provisioner(engine: str) -> Provision:
@@ -81,6 +110,8 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     request = replace(request or EngineRequest(), **options)  # type: ignore[arg-type]
     check_precision(request.precision)
     engine = resolve_backend_name(name, request.device, request.precision)
+    if name == AUTO and request.device is None:  # where auto decided to run it, said to the engine
+        request = replace(request, device="cuda" if cuda_visible() else "cpu")
     request = replace(request, auto=name == AUTO)
     check_views(request.tta)
     root = localize(artifact_uri, request.s3_endpoint)

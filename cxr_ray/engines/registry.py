@@ -33,6 +33,21 @@ class Engine:
     # Precisions it has, but refuses on a CPU, and why.
     refused_on_cpu: dict[str, str] = field(default_factory=dict)
     summary: str = ""
+    # Where ``auto`` may pick it: lower ranks are tried first; None: never on that side.
+    cpu_rank: int | None = None
+    gpu_rank: int | None = None
+    # "module:function" -> bool: whether it can run on a visible GPU here (packages, providers);
+    # asked only when ``auto`` considers it on a GPU, so the registry itself imports nothing.
+    gpu_probe: str | None = None
+    gpu_only: bool = False  # no CPU execution at all (``auto`` never picks it on a CPU)
+
+    def runs(self, precision: str, *, on_cpu: bool) -> bool:
+        """Whether ``precision`` (``auto`` included) is one this engine runs on that side."""
+        try:
+            self.resolve_precision(precision, on_cpu=on_cpu)
+        except UsageError:
+            return False
+        return True
 
     def resolve_precision(self, requested: str, *, on_cpu: bool) -> str:
         """The concrete precision ``requested`` means here; :class:`UsageError` when refused."""
@@ -76,6 +91,12 @@ def backend_names() -> tuple[str, ...]:
     return (AUTO, *_ENGINES)
 
 
+def auto_candidates(*, on_gpu: bool) -> list[Engine]:
+    """The engines ``auto`` tries on a GPU (or a CPU), best first: their ranks, the only place the order is written."""
+    ranked = [(e.gpu_rank if on_gpu else e.cpu_rank, i, e) for i, e in enumerate(_ENGINES.values())]
+    return [engine for rank, _, engine in sorted((r, i, e) for r, i, e in ranked if r is not None)]
+
+
 def precision_names() -> tuple[str, ...]:
     """``auto`` and every precision some engine runs: the ``--precision`` choices."""
     names: list[str] = []
@@ -91,6 +112,11 @@ def check_precision(precision: str) -> None:
         raise UsageError(f"unknown precision {precision!r}; valid: {', '.join(precision_names())}")
 
 
+# ``auto`` on a GPU: a TensorRT plan (cached per GPU in the artifact, sha-checked), then ONNX Runtime's
+# TensorRT execution provider, then ONNX Runtime's CUDA provider (fp32 only, so only for an explicit
+# fp32: as on CPUs, where it is the fastest fp32 engine measured; on GPUs this order is not measured
+# yet), then torch on CUDA (fp16 autocast by default, checked against fp32 at load).
+# On a CPU: ONNX Runtime (fastest fp32 measured), then torch (the only bf16 engine).
 register_engine(Engine(
     name="tensorrt",
     provision="cxr_ray.engines.tensorrt.build:provision",
@@ -99,6 +125,9 @@ register_engine(Engine(
     auto_on_gpu="fp16",
     refusal="TensorRT engines here are fp32, fp16 or int8; {precision} is for the torch backend",
     summary="TensorRT plans built from the ONNX graph, cached per GPU in the artifact",
+    gpu_rank=0,
+    gpu_probe="cxr_ray.engines.tensorrt.runtime:tensorrt_available",
+    gpu_only=True,
 ))
 register_engine(Engine(
     name="onnxruntime",
@@ -107,8 +136,11 @@ register_engine(Engine(
     auto_on_cpu="fp32",
     auto_on_gpu="fp32",
     refusal="onnxruntime runs fp32 only; for precision={precision} use the torch backend "
-    "(bf16 on CPUs with bf16 instructions, fp16 / bf16 on GPUs) or tensorrt (fp16 / int8)",
-    summary="the artifact's ONNX graph, the fastest fp32 engine measured on CPUs",
+    "(bf16 on CPUs with bf16 instructions, fp16 / bf16 on GPUs), onnxruntime-trt (fp16) or tensorrt (fp16 / int8)",
+    summary="the artifact's ONNX graph, the fastest fp32 engine measured on CPUs (CUDA provider with onnxruntime-gpu)",
+    cpu_rank=0,
+    gpu_rank=2,
+    gpu_probe="cxr_ray.engines.onnxruntime.runtime:cuda_provider_available",
 ))
 register_engine(Engine(
     name="torch",
@@ -118,7 +150,22 @@ register_engine(Engine(
     auto_on_gpu="fp16",
     refusal="{precision} needs a calibrated TensorRT engine (--backend tensorrt); torch runs fp32 / fp16 / bf16",
     refused_on_cpu={"fp16": "fp16 on the CPU is slower than fp32 (no fp16 convolution kernels); use fp32 or bf16"},
-    summary="eager (or compiled) PyTorch: the reference, and bf16 on CPUs that have it",
+    summary="eager (or compiled / CUDA-graph) PyTorch: the reference, bf16 on CPUs that have it, fp16 on GPUs",
+    cpu_rank=1,
+    gpu_rank=3,
+    gpu_probe="torch.cuda:is_available",
+))
+register_engine(Engine(
+    name="onnxruntime-trt",
+    provision="cxr_ray.engines.onnxruntime.build:provision_tensorrt_provider",
+    precisions=("fp32", "fp16"),
+    auto_on_cpu="fp16",  # no CPU: refused first
+    auto_on_gpu="fp16",
+    refusal="onnxruntime-trt (ONNX Runtime's TensorRT provider) runs fp32 or fp16; got precision={precision}",
+    summary="the artifact's ONNX graph on ONNX Runtime's TensorRT execution provider (onnxruntime-gpu + TensorRT)",
+    gpu_rank=1,
+    gpu_probe="cxr_ray.engines.onnxruntime.runtime:tensorrt_provider_available",
+    gpu_only=True,
 ))
 
 BACKEND_NAMES = backend_names()

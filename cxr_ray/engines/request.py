@@ -15,7 +15,10 @@ class EngineRequest:
     each engine's registry entry says what it accepts. ``num_threads``: CPU
     threads of ONNX Runtime / torch. ``max_batch``: the TensorRT profile's
     largest batch (bigger batches are chunked). ``compile``: ``torch.compile``
-    for the torch engine. ``tta``: the mean over that many fixed views per image.
+    for the torch engine. ``cuda_graphs``: the torch engine on CUDA replays one
+    captured CUDA graph per batch shape (checked against fp32 at load; off by
+    default until the device check has measured it, see the README's GPU section).
+    ``tta``: the mean over that many fixed views per image.
     """
 
     device: str | None = None
@@ -24,6 +27,7 @@ class EngineRequest:
     s3_endpoint: str | None = None
     max_batch: int | None = None
     compile: bool = False
+    cuda_graphs: bool = False
     tta: int = 1  # test-time augmentation views per image (1 = off; see cxr_ray.engines.tta)
-    # True when the caller asked for "auto": ONNX Runtime then stays on the CPU unless a device is given.
+    # True when the caller asked for "auto" (load_backend has then filled in the device auto chose).
     auto: bool = False

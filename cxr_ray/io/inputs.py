@@ -97,6 +97,14 @@ def listing_error(spec: str, exc: BaseException) -> DecodeError:
     return read_error(str(spec), exc)
 
 
+def read_input(uri: str, policy: InputPolicy, name: str) -> bytes:
+    """The input's bytes, at most ``policy.byte_limit`` of them; raises only :class:`DecodeError`."""
+    try:
+        return read_bytes(uri, s3_endpoint=policy.s3_endpoint, max_bytes=policy.byte_limit)
+    except Exception as exc:  # noqa: BLE001 - any read failure is this input's error
+        raise read_error(name, exc) from None
+
+
 def load_input(uri: str, policy: InputPolicy, *, data: bytes | None = None, name: str | None = None) -> LoadedInput:
     """Read (unless ``data`` is given) and decode one input; raises only :class:`DecodeError`.
 
@@ -105,10 +113,7 @@ def load_input(uri: str, policy: InputPolicy, *, data: bytes | None = None, name
     """
     name = name or display_name(uri)
     if data is None:
-        try:
-            data = read_bytes(uri, s3_endpoint=policy.s3_endpoint, max_bytes=policy.byte_limit)
-        except Exception as exc:  # noqa: BLE001 - any read failure is this input's error
-            raise read_error(name, exc) from None
+        data = read_input(uri, policy, name)
     digest = hashlib.sha256(data).hexdigest() if policy.sha256 else None
     image = decode_image(
         data, name, policy=policy.decode, pseudonym_key=policy.pseudonym_key, target_size=policy.target_size

@@ -275,11 +275,11 @@ def decode_raster(
             "corrupt",
             f"{name}: {fmt.upper()} mode {mode} cannot be converted to grey ({type(exc).__name__})",
         ) from None
-    meta = ImageMetadata(
-        format=fmt,
-        rows=height,
-        cols=width,
-        photometric_interpretation=_photometric(mode),
-        bits_stored=_bits(mode),
+    return DecodedImage(pixels=pixels, meta=raster_metadata(fmt, width, height, mode))
+
+
+def raster_metadata(fmt: str, width: int, height: int, mode: str) -> ImageMetadata:
+    """What outputs say about a PNG / JPEG of Pillow mode ``mode`` (both decode paths)."""
+    return ImageMetadata(
+        format=fmt, rows=height, cols=width, photometric_interpretation=_photometric(mode), bits_stored=_bits(mode)
     )
-    return DecodedImage(pixels=pixels, meta=meta)

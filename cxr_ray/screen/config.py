@@ -14,6 +14,7 @@ from typing import Any
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES, check_precision
 from cxr_ray.engines.tta import check_views
 from cxr_ray.errors import UsageError
+from cxr_ray.io.gpu.mode import DECODE_MODES, check_decode_mode
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.models.registry import EXPLAIN_METHODS, explain_methods_help
 
@@ -79,8 +80,13 @@ class ScreenConfig:
     decode_cpus: float | None = field(default=None, metadata=_flag(
         f"logical CPUs per decode task (default: {GPU_DECODE_CPUS:g} on GPU clusters; on CPU-only ones the "
         "predict actors decode their own batches unless this is given)", metavar="F"))
+    decode: str = field(default="auto", metadata=_flag(
+        "where inputs are decoded: gpu (nvImageCodec inside the GPU predict actors: JPEG, JPEG 2000 and HTJ2K "
+        "DICOM frames, native frames and JPEG files; any other input falls back to the CPU, the reason in its "
+        "row's warnings), cpu (decode tasks, or the actors on CPU-only clusters), auto (gpu where the predict "
+        "actors have GPUs and nvImageCodec is installed, else cpu)", choices=DECODE_MODES))
     # Decode inside the predict actors instead of in decode tasks. None: yes on CPU-only
-    # clusters (unless decode_cpus is given), no on GPU clusters. See plan_layout.
+    # clusters (unless decode_cpus is given) and with GPU decoding, no otherwise. See plan_layout.
     decode_in_actors: bool | None = None
     decode_batch_size: int = field(default=16, metadata=_flag("files per decode task", metavar="N"))
     rows_per_part: int = field(default=1000, metadata=_flag("rows per Parquet part: the resume granularity",
@@ -124,3 +130,4 @@ class ScreenConfig:
         check_heatmap_mode(self.heatmaps)
         check_precision(self.precision)
         check_views(self.tta)
+        check_decode_mode(self.decode)

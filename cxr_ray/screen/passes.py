@@ -219,6 +219,7 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
             "num_threads": plan.threads_per_actor,
             "s3_endpoint": config.s3_endpoint,
             "decode": decode_kwargs if plan.decode_in_actors else None,
+            "decode_on": config.decode if plan.decode_on_gpu else "cpu",
         },
         **predictor_args,
     )

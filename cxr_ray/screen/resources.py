@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from cxr_ray.io.gpu.mode import gpu_decode_planned
 from cxr_ray.screen.config import (
     CPU_ACTOR_CPUS,
     CPU_DECODE_CPUS,
@@ -31,6 +32,7 @@ class Layout:
     threads_per_actor: int
     decode_cpus: float  # 0 when decoding runs inside the predict actors
     decode_in_actors: bool = False
+    decode_on_gpu: bool = False  # the predict actors decode on their GPUs (--decode gpu / auto)
 
 
 def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
@@ -64,8 +66,11 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
     object-store hand-off and Ray's per-task work: the same 3,600 files in
     131 s (27.4 img/s, about 0.87 of the machine bound) against 150-155 s
     (figures from before JPEG 2000 frames were decoded at reduced resolution).
-    GPU clusters keep decode tasks: there decoding must scale on every other
-    core while the GPU actors only predict.
+    GPU clusters keep decode tasks (there decoding must scale on every other
+    core while the GPU actors only predict), unless the actors decode on their
+    GPUs (``--decode gpu``, or ``auto`` where nvImageCodec is installed): then
+    each GPU actor reads, decodes and predicts its own batches, and no decode
+    tasks run (:func:`~cxr_ray.io.gpu.mode.gpu_decode_planned`).
     """
     gpus = float(cluster.get("GPU", 0))
     cpus = max(1.0, float(cluster.get("CPU", 1)))
@@ -73,7 +78,8 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
     on_gpu = gpus_per_actor > 0
     cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else (
         GPU_ACTOR_CPUS if on_gpu else CPU_ACTOR_CPUS)
-    decode_in_actors = (
+    decode_on_gpu = gpu_decode_planned(config.decode, on_gpu=on_gpu)
+    decode_in_actors = decode_on_gpu or (
         config.decode_in_actors if config.decode_in_actors is not None
         else not on_gpu and config.decode_cpus is None
     )
@@ -95,7 +101,7 @@ def plan_layout(config: ScreenConfig, cluster: dict[str, float]) -> Layout:
             "%d predict actors x %.2f CPU + %.2f CPU per decode task exceed the cluster's %.0f CPUs: "
             "decoding can only start if the cluster grows", actors[0], cpus_per_actor, decode_cpus, cpus,
         )
-    return Layout(actors, gpus_per_actor, cpus_per_actor, threads, decode_cpus, decode_in_actors)
+    return Layout(actors, gpus_per_actor, cpus_per_actor, threads, decode_cpus, decode_in_actors, decode_on_gpu)
 
 
 def heatmap_actor_cpus(plan: Layout, cluster: dict[str, float]) -> float:

@@ -4,7 +4,8 @@
   image + metadata. Every failure becomes a row with a code; nothing raises.
 * :class:`Predictor` (actor pool): loads ONE backend in ``__init__`` (engines
   are built or loaded there, never pickled) and predicts the ``ok`` rows of
-  each batch; error rows pass through untouched. A batch the model fails on is
+  each batch; error rows pass through untouched. With ``decode_on="gpu"`` it
+  decodes its own batches on its GPU (:mod:`~cxr_ray.screen.device_decode`). A batch the model fails on is
   retried row by row, and rows that still fail get ``inference_failed``.
 * :func:`write_batch` (tasks): one atomic, content-addressed Parquet part per
   batch; returns one small stats row for the driver's progress and checks.
@@ -15,17 +16,22 @@ Ray Data calls them; tests call them directly on tiny tables.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from cxr_ray.engines.load import load_backend, resolve_backend_name
+from cxr_ray.engines.load import load_backend
 from cxr_ray.errors import DecodeError
+from cxr_ray.io.gpu.decode import CPU_NOTE, open_gpu_decoder
 from cxr_ray.io.inputs import InputPolicy, display_name, load_input
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import PreprocessConfig, preprocess
+from cxr_ray.screen.device_decode import decode_on_device
 from cxr_ray.screen.output import OutputLayout
 from cxr_ray.screen.schema import (
     HEATMAP_PATH,
@@ -55,6 +61,19 @@ def _clip(message: str) -> str:
     return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def _reading(decode: dict) -> InputPolicy:
+    """How :func:`decode_batch` (given ``decode``, its keyword arguments) reads and decodes."""
+    size = PreprocessConfig.from_dict(decode["preprocessing"]).image_size
+    return InputPolicy(decode=decode.get("policy") or DecodePolicy(), max_bytes=decode.get("max_bytes"),
+                       target_size=size, pseudonym_key=decode.get("pseudonym_key"), s3_endpoint=decode.get("s3_endpoint"))
+
+
+def _cuda_of(backend: object) -> torch.device | None:
+    """The backend's CUDA device, to decode on the same GPU (None: the current one)."""
+    device = getattr(backend, "device", None)
+    return device if isinstance(device, torch.device) and device.type == "cuda" else None
+
+
 def decode_batch(
     table: pa.Table,
     *,
@@ -67,8 +86,8 @@ def decode_batch(
     """``path`` column -> decode-stage table (:func:`~cxr_ray.screen.schema.decoded_schema`)."""
     config = PreprocessConfig.from_dict(preprocessing)
     size = config.image_size
-    reading = InputPolicy(decode=policy or DecodePolicy(), max_bytes=max_bytes, target_size=size,
-                          pseudonym_key=pseudonym_key, s3_endpoint=s3_endpoint)
+    reading = _reading({"preprocessing": preprocessing, "policy": policy, "pseudonym_key": pseudonym_key,
+                        "s3_endpoint": s3_endpoint, "max_bytes": max_bytes})
     crash_on = os.environ.get(CRASH_ON_ENV)
     paths = table.column("path").to_pylist()
     columns: dict[str, list] = {name: [] for name in META_COLUMNS}
@@ -117,14 +136,15 @@ class Predictor:
         s3_endpoint: str | None = None,
         decode: dict | None = None,
         tta: int = 1,
+        decode_on: str = "cpu",
     ) -> None:
         """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
-        batches (``path`` tables in), None when a decode stage runs before it."""
+        batches (``path`` tables in), None when a decode stage runs before it. ``decode_on``:
+        ``--decode`` (``gpu``: on this actor's GPU, refused at start where it cannot; ``auto``:
+        there when it can, else on the CPU with the reason in each row's warnings)."""
 
         self.card = load_card(artifact, s3_endpoint)
-        if backend == "auto" and device != "cpu":
-            # On a GPU actor, "auto" without TensorRT means torch on CUDA, not ONNX Runtime on the CPU.
-            backend = "tensorrt" if resolve_backend_name("auto", device, precision) == "tensorrt" else "torch"
+        # "auto" on a GPU actor is the registry's GPU order (TensorRT, ..., torch on CUDA), never the CPU's.
         self.backend = load_backend(
             artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint,
             tta=tta,
@@ -137,17 +157,23 @@ class Predictor:
         self.schema = output_schema(self.classes)
         self.max_batch = getattr(self.backend.input_spec, "max_batch", None)
         self.decode = decode
+        self.gpu_decoder, self.cpu_note = None, None
+        if decode is not None:
+            self.gpu_decoder, why = open_gpu_decoder(decode_on, _reading(decode), _cuda_of(self.backend))
+            self.cpu_note = None if why is None else CPU_NOTE + why
 
     # ------------------------------------------------------------------ inference
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
+    def _predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         step = self.max_batch or len(batch)
-        out = [np.asarray(self.backend.predict(batch[i : i + step]), dtype=np.float32) for i in range(0, len(batch), step)]
+        run: Callable[[Any], np.ndarray] = (
+            self.backend.predict_tensor if isinstance(batch, torch.Tensor) else self.backend.predict)
+        out = [np.asarray(run(batch[i : i + step]), dtype=np.float32) for i in range(0, len(batch), step)]
         probs = np.concatenate(out) if out else np.empty((0, len(self.classes)), np.float32)
         if probs.shape != (len(batch), len(self.classes)):
             raise ValueError(f"backend returned shape {probs.shape}, expected {(len(batch), len(self.classes))}")
         return probs
 
-    def predict_rows(self, batch: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    def predict_rows(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, list[str | None]]:
         """Probabilities (N, K) and a per-row failure message (None where it worked).
 
         The whole batch first; if the model raises, each row alone, so that one
@@ -174,8 +200,7 @@ class Predictor:
         if marker and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(78)
-        if self.decode is not None:
-            table = decode_batch(table, **self.decode)
+        table, images = self._decoded(table)
         n = len(table)
         status = table.column("status").to_pylist()
         codes = table.column("error_code").to_pylist()
@@ -183,13 +208,27 @@ class Predictor:
         probs = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         ok = np.flatnonzero(np.asarray(status, dtype=object) == STATUS_OK)
         if len(ok):
-            ok_probs, failures = self.predict_rows(pixels_array(table, self.image_size)[ok])
+            ok_probs, failures = self.predict_rows(images(ok))
             for j, i in enumerate(ok):
                 if failures[j] is None:
                     probs[i] = ok_probs[j]
                 else:
                     status[i], codes[i], errors[i] = STATUS_ERROR, INFERENCE_FAILED, failures[j]
         return self._rows(table, status, codes, errors, probs)
+
+    def _decoded(self, table: pa.Table) -> tuple[pa.Table, Callable[[np.ndarray], np.ndarray | torch.Tensor]]:
+        """The decode-stage table and how to get the model inputs of some of its rows."""
+        if self.gpu_decoder is not None:
+            assert self.decode is not None
+            table, on_device = decode_on_device(table, self.gpu_decoder, self.decode["preprocessing"])
+            return table, lambda rows: on_device[torch.from_numpy(rows).to(on_device.device)]
+        if self.decode is not None:
+            table = decode_batch(table, **self.decode)
+            if self.cpu_note is not None:  # --decode auto, and this actor cannot decode on a GPU
+                notes = [[*(w or []), self.cpu_note] for w in table.column("warnings").to_pylist()]
+                table = table.set_column(table.schema.get_field_index("warnings"), "warnings",
+                                         pa.array(notes, pa.list_(pa.string())))
+        return table, lambda rows: pixels_array(table, self.image_size)[rows]
 
     def _rows(self, table: pa.Table, status: list, codes: list, errors: list, probs: np.ndarray) -> pa.Table:
         n = len(table)

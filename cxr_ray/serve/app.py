@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import Request
 from PIL import Image
 from ray import serve
@@ -38,11 +39,12 @@ from ray.serve.handle import DeploymentHandle
 
 from cxr_ray.errors import DecodeError
 from cxr_ray.io.decode import sniff_format
-from cxr_ray.io.inputs import InputPolicy, load_input
-from cxr_ray.preprocess import PreprocessConfig, preprocess
+from cxr_ray.io.inputs import InputPolicy
+from cxr_ray.preprocess import PreprocessConfig
 from cxr_ray.serve.admission import ModelAdmission, ModelBusyError
 from cxr_ray.serve.api import HealthResponse, ModelInfo, PredictResponse
 from cxr_ray.serve.config import ServeArgs
+from cxr_ray.serve.decoding import RequestDecoder, host_pixels
 from cxr_ray.serve.http import (
     PREDICT_BODY,
     ApiError,
@@ -86,6 +88,7 @@ class CxrIngress:
             self._admission = ModelAdmission(
                 self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests
             )
+        self._decoder = self._request_decoder()
         self._api_key: bytes | None = None
         if self.args.api_key_env:
             key = os.environ.get(self.args.api_key_env, "")
@@ -97,6 +100,25 @@ class CxrIngress:
         self._info_lock = asyncio.Lock()
 
     # ---- helpers -----------------------------------------------------------
+    def _request_decoder(self) -> RequestDecoder | None:
+        """Fused: CPU decoding, or (``decode`` gpu / auto, model on a GPU) decoding on the model's GPU.
+        Split: None until the first request brings the predictor's preprocessing (CPU decoding)."""
+        if self._local is None:
+            return None
+        config = self._local.card.preprocess_config
+        device = getattr(self._local.backend, "device", None)
+        gpu = device if isinstance(device, torch.device) and device.type == "cuda" else None
+        return RequestDecoder(self.args.decode, self._reading(config), config, gpu)
+
+    def _reading(self, config: PreprocessConfig) -> InputPolicy:
+        return InputPolicy(decode=self.args.decode_policy, target_size=config.image_size)
+
+    def _decoder_for(self, preprocess_config: dict) -> RequestDecoder:
+        if self._decoder is None:  # split topology: CPU decoding with the predictor's card
+            config = PreprocessConfig.from_dict(preprocess_config)
+            self._decoder = RequestDecoder("cpu", self._reading(config), config)
+        return self._decoder
+
     def _check_key(self, given: str | None) -> None:
         if self._api_key is None:
             return
@@ -140,15 +162,13 @@ class CxrIngress:
         sniffed = sniff_format(data)
         if declared and sniffed and declared != sniffed:
             warnings.append(f"content_type_mismatch: declared {declared}, content is {sniffed}")
-        config = PreprocessConfig.from_dict(preprocess_config)
-        # Exactly what screening runs: decode (hinted with the model's input size) + preprocess.
-        # The name shows up in error messages: never the client's file name (may be PHI).
-        reading = InputPolicy(decode=self.args.decode_policy, target_size=config.image_size)
-        image = load_input("request", reading, data=data, name=f"request {request_id}").image
-        tensor = preprocess(image.pixels, config)
+        # Exactly what screening runs: decode (hinted with the model's input size) + preprocess,
+        # on the CPU or on the model's GPU (cxr_ray.serve.decoding). The name shows up in error
+        # messages: never the client's file name (may be PHI).
+        tensor, meta, decoded = self._decoder_for(preprocess_config).decode(data, f"request {request_id}")
         decode_ms = (time.perf_counter() - start) * 1000
-        pixels = _overlay_pixels(image.pixels) if keep_pixels else None
-        return tensor, image.meta, pixels, warnings, decode_ms
+        pixels = _overlay_pixels(host_pixels(decoded)) if keep_pixels else None
+        return tensor, meta, pixels, warnings, decode_ms
 
     # ---- routes ------------------------------------------------------------
     @api.post(

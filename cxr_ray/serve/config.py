@@ -13,11 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from cxr_ray.engines.tta import MAX_VIEWS
 from cxr_ray.io.types import DecodePolicy
 
-BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+# The registry's names (cxr_ray.engines.registry.BACKEND_NAMES; a test holds them equal).
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch", "onnxruntime-trt"]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 # fused: one deployment decodes and predicts (CPU nodes, one machine); split: decode in
 # CxrIngress, batched inference in CxrPredictor replicas (GPU clusters). See cxr_ray.serve.app.
 TopologyName = Literal["fused", "split"]
+# cxr_ray.io.gpu.mode.DECODE_MODES (a test holds them equal); see cxr_ray.serve.decoding.
+DecodeName = Literal["auto", "cpu", "gpu"]
 
 
 class AutoscalingArgs(BaseModel):
@@ -128,12 +131,21 @@ class ServeArgs(BaseModel):
     # GPUs gain more from full batches: deploy/serve.yaml waits 5 ms.
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     explain: bool = True  # allow ?explain=gradcam|lrp (loads the torch model lazily)
+    # auto: on the model's GPU in a fused replica whose backend runs on one, else on the CPU.
+    decode: DecodeName = "auto"
     topology: TopologyName = "fused"
     # fused: the only deployment (replicas, resources, HTTP admission); split: the decoding one.
     ingress: DeploymentArgs = Field(default_factory=_default_ingress)
     # split: the model deployment. fused: only its max_ongoing_requests / max_queued_requests
     # are used, as the admission limits at the model inside each ingress replica.
     predictor: DeploymentArgs = Field(default_factory=_default_predictor)
+
+    @model_validator(mode="after")
+    def _gpu_decode_is_fused(self) -> ServeArgs:
+        if self.decode == "gpu" and self.topology != "fused":
+            raise ValueError("decode=gpu decodes on the model's GPU, in the replica that holds the model: "
+                             "use topology fused (split replicas decode on CPUs)")
+        return self
 
     def layering_problems(self) -> list[str]:
         """Limits that work, but not as intended (the app builder logs them)."""

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import torch
 from ray import serve
 from torch import nn
 
@@ -70,12 +71,13 @@ class CxrPredictor:
         )
 
     # ---- inference -------------------------------------------------------
-    async def predict(self, image: np.ndarray) -> dict[str, Any]:
+    async def predict(self, image: Any) -> dict[str, Any]:
         """(1, S, S) preprocessed image -> {"probabilities": [K], "label", "score", "flagged", "batch_size", "model_ms"}."""
         return await self._batcher.submit(image)
 
-    async def _run_backend(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        batch = np.stack(images).astype(np.float32, copy=False)
+    async def _run_backend(self, images: list[Any]) -> list[dict[str, Any]]:
+        # GPU-decoded requests are (1, S, S) tensors on the model's GPU: stacked there, never copied out.
+        batch = torch.stack(images) if isinstance(images[0], torch.Tensor) else np.stack(images).astype(np.float32, copy=False)
         # The model thread keeps the event loop free to admit the next batch.
         probs, model_ms = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._timed_predict, batch)
         decisions = self.card.decide(probs)
@@ -92,10 +94,10 @@ class CxrPredictor:
             for i in range(n)
         ]
 
-    def _timed_predict(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+    def _timed_predict(self, batch: Any) -> tuple[np.ndarray, float]:
         """On the model thread: (probabilities, ms in the backend), not counting the wait for the thread."""
         start = time.perf_counter()
-        probs = self.backend.predict(batch)
+        probs = self.backend.predict_tensor(batch) if isinstance(batch, torch.Tensor) else self.backend.predict(batch)
         return probs, (time.perf_counter() - start) * 1000
 
     # ---- explanations ----------------------------------------------------

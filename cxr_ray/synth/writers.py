@@ -22,10 +22,12 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     RLELossless,
 )
 
@@ -196,6 +198,34 @@ def encode_dicom(image: np.ndarray, identity: DicomIdentity, options: DicomOptio
     return _encode(ds, options.transfer_syntax)
 
 
+def encode_dicom_frame(image: np.ndarray, identity: DicomIdentity, codestream: bytes, syntax_uid: str,
+                       bits_stored: int) -> bytes:
+    """A frontal DX radiograph whose one frame is an already encoded ``codestream`` (JPEG Baseline,
+    HTJ2K, ... written by another encoder), encapsulated under ``syntax_uid``, MONOCHROME2."""
+    ds = _base_dataset(identity, DX_PRESENTATION_STORAGE, "DX", syntax_uid)
+    ds.ViewPosition = "PA"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = (int(x) for x in image.shape[:2])
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def encode_jpeg_dicom(image: np.ndarray, identity: DicomIdentity, quality: int = 92) -> bytes:
+    """A frontal DX radiograph in JPEG Baseline (Process 1), 8-bit grey, as CR/DX archives keep them."""
+    return encode_dicom_frame(image, identity, encode_jpeg(image, rgb=False, quality=quality), JPEGBaseline8Bit, 8)
+
+
 def encode_lateral_dicom(image: np.ndarray, identity: DicomIdentity) -> bytes:
     """A left-lateral DX view (screening refuses it: ``lateral_view``)."""
     ds = _base_dataset(identity, DX_PRESENTATION_STORAGE, "DX", ExplicitVRLittleEndian)
@@ -275,6 +305,8 @@ __all__ = [
     "DicomOptions",
     "encode_ct_dicom",
     "encode_dicom",
+    "encode_dicom_frame",
+    "encode_jpeg_dicom",
     "encode_jpeg",
     "encode_lateral_dicom",
     "encode_mask",

@@ -45,7 +45,7 @@ from cxr_ray.engines.contract import (
 from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend, create_session
 from cxr_ray.engines.registry import get_engine
 from cxr_ray.engines.request import EngineRequest
-from cxr_ray.errors import ArtifactError, UsageError
+from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
 from cxr_ray.models.artifact import (
     CARD_FILE,
     ONNX_FILE,
@@ -356,3 +356,25 @@ def provision(root: Path, card: ModelCard, request: EngineRequest) -> OnnxRuntim
         onnx_path, card.classes, card.image_size, device=device, num_threads=request.num_threads,
         expected_sha256=onnx_sha256,
     )
+
+
+def provision_tensorrt_provider(root: Path, card: ModelCard, request: EngineRequest) -> OnnxRuntimeBackend:
+    """The ``onnxruntime-trt`` engine: the graph on ONNX Runtime's TensorRT provider, checked against
+    eager fp32 PyTorch on the same GPU before it is used (refused above its tolerance)."""
+    precision = get_engine("onnxruntime-trt").resolve_precision(request.precision, on_cpu=False)
+    device = request.device or "cuda"
+    onnx_path, onnx_sha256 = ensure_onnx(root, card)
+    backend = OnnxRuntimeBackend(
+        onnx_path, card.classes, card.image_size, device=device, num_threads=request.num_threads,
+        expected_sha256=onnx_sha256, execution="tensorrt", precision=precision,
+    )
+    model, _ = load_model(str(root))
+    atol = tolerance("onnxruntime-trt", precision)
+    diff = max_abs_diff_vs_fp32(backend.predict, fp32_reference(model, device), card.image_size,
+                                what=f"onnxruntime-trt {precision}")
+    if diff > atol:
+        raise BackendUnavailableError(
+            f"onnxruntime-trt {precision} differs from fp32 PyTorch by {diff:.3g} (> {atol:.3g}) on sample batches"
+        )
+    backend.verified_max_abs_diff = diff
+    return backend

@@ -8,20 +8,29 @@ Session settings (measured with ``cxr-ray bench backends``):
   counts physical cores, which leaves SMT siblings / container vCPUs idle);
   ``inter_op_num_threads = 1`` with sequential execution (a CNN is one chain);
 * CUDA execution provider when asked for (``device="cuda[:N]"``) and installed
-  (``onnxruntime-gpu``); the CPU provider stays as fallback for unsupported ops.
+  (``onnxruntime-gpu``), with TF32 off so that fp32 means fp32; the CPU provider
+  stays as fallback for unsupported ops;
+* TensorRT execution provider (``execution="tensorrt"``, the ``onnxruntime-trt``
+  engine): fp16 on request, CUDA then CPU behind it for what TensorRT does not
+  take. Its own engine cache stays off: ONNX Runtime would load those plans
+  without the sha256 check every TensorRT plan here gets, so the plan is built
+  when the session starts (each actor / replica start pays for it).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from cxr_ray.engines.base import Backend, InputSpec
 from cxr_ray.engines.cache import read_verified
 from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
-from cxr_ray.errors import ArtifactError, BackendUnavailableError
+from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
+from cxr_ray.optional import available
 
 
 def available_cpus() -> int:
@@ -42,22 +51,49 @@ def session_options(num_threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def providers_for(device: str | None) -> list[str | tuple[str, dict[str, int]]]:
-    """ONNX Runtime execution providers for ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (CUDA if installed)."""
-    available = ort.get_available_providers()
+CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+Provider = str | tuple[str, dict[str, object]]
+
+
+def cuda_provider_available() -> bool:
+    """onnxruntime-gpu's CUDA provider is installed and torch sees a GPU (``auto``'s probe)."""
+    return CUDA_PROVIDER in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def tensorrt_provider_available() -> bool:
+    """ONNX Runtime's TensorRT provider is built in and TensorRT's libraries are there (``auto``'s probe):
+    the provider is listed whenever onnxruntime-gpu was built with it, installed TensorRT or not."""
+    has_libs = available("tensorrt") or ctypes.util.find_library("nvinfer") is not None
+    return TENSORRT_PROVIDER in ort.get_available_providers() and has_libs and torch.cuda.is_available()
+
+
+def providers_for(device: str | None, *, execution: str = "cuda", fp16: bool = False) -> list[Provider]:
+    """ONNX Runtime execution providers for ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (CUDA if installed).
+
+    ``execution="tensorrt"``: the TensorRT provider first (``fp16``: its fp16 kernels), on a CUDA device.
+    """
+    installed = ort.get_available_providers()
     if device is None:
-        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        device = "cuda" if CUDA_PROVIDER in installed else "cpu"
     if device == "cpu":
+        if execution == "tensorrt":
+            raise UsageError("ONNX Runtime's TensorRT provider runs on CUDA devices only, got device=cpu")
         return ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in available:
-            raise BackendUnavailableError(
-                f"onnxruntime on {device} needs the CUDA execution provider (pip install onnxruntime-gpu); "
-                f"installed providers: {available}"
-            )
-        index = int(device.partition(":")[2] or 0)
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    if not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    wanted = TENSORRT_PROVIDER if execution == "tensorrt" else CUDA_PROVIDER
+    if wanted not in installed or CUDA_PROVIDER not in installed:
+        raise BackendUnavailableError(
+            f"onnxruntime on {device} needs the {wanted} (pip install onnxruntime-gpu"
+            f"{'; and TensorRT' if execution == 'tensorrt' else ''}); installed providers: {installed}"
+        )
+    index = int(device.partition(":")[2] or 0)
+    cuda: Provider = (CUDA_PROVIDER, {"device_id": index, "use_tf32": 0})
+    if execution != "tensorrt":
+        return [cuda, "CPUExecutionProvider"]
+    options: dict[str, object] = {"device_id": index, "trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": False}
+    return [(TENSORRT_PROVIDER, options), cuda, "CPUExecutionProvider"]
 
 
 def create_session(
@@ -65,10 +101,12 @@ def create_session(
     *,
     device: str | None = "cpu",
     num_threads: int | None = None,
+    providers: list[Provider] | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` with the settings above, from a path or the model's bytes."""
     model = onnx if isinstance(onnx, bytes) else os.fspath(onnx)
-    return ort.InferenceSession(model, session_options(num_threads), providers=providers_for(device))
+    chosen = providers if providers is not None else providers_for(device)
+    return ort.InferenceSession(model, session_options(num_threads), providers=chosen)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -85,9 +123,16 @@ class OnnxRuntimeBackend(Backend):
         device: str | None = "cpu",
         num_threads: int | None = None,
         expected_sha256: str | None = None,
+        execution: str = "cuda",
+        precision: str = "fp32",
     ) -> None:
         data = read_verified(onnx_path, expected_sha256, what="ONNX graph", remedy="refusing to load a modified model")
-        self.session = create_session(data, device=device, num_threads=num_threads)
+        providers = providers_for(device, execution=execution, fp16=precision == "fp16")
+        self.session = create_session(data, num_threads=num_threads, providers=providers)
+        if execution == "tensorrt":
+            self.name = "onnxruntime-trt"
+        self.precision = precision
+        self.verified_max_abs_diff: float | None = None  # set by provisioning where it compares with fp32
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
@@ -100,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
             raise ArtifactError(f"{onnx_path}: input shape {shape} does not take (N, 1, {image_size}, {image_size})")
         self.classes = list(classes)
         self.input_spec = InputSpec(channels=1, image_size=int(image_size))
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.device = "cuda" if CUDA_PROVIDER in self.session.get_providers() else "cpu"
         self.num_threads = int(num_threads or available_cpus())
         self.onnx_path = str(onnx_path)
 
@@ -115,7 +160,8 @@ class OnnxRuntimeBackend(Backend):
         return {
             **super().describe(),
             "device": self.device,
-            "precision": "fp32",
+            "precision": self.precision,
             "providers": self.session.get_providers(),
+            "verified_max_abs_diff_vs_fp32": self.verified_max_abs_diff,
             "num_threads": self.num_threads,
         }

@@ -129,14 +129,13 @@ class TensorRTBackend(Backend):
         """Check the plan against its recorded sha256, then deserialise it."""
         return cls(verify_engine_file(path, sha256), classes, image_size, device=device, precision=precision)
 
-    def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        n = len(chunk)
+    def _execute(self, n: int, fill) -> np.ndarray:
+        """Fill the first ``n`` input rows on the stream (``fill``), pad to the profile minimum, run, copy out."""
         run = max(n, self.min_batch)
-        self._h_input[:n].numpy()[...] = chunk
-        if run > n:
-            self._h_input[n:run].zero_()
         with torch.cuda.stream(self._stream):
-            self._d_input[:run].copy_(self._h_input[:run], non_blocking=True)
+            fill()
+            if run > n:
+                self._d_input[n:run].zero_()
             if not self._context.set_input_shape(INPUT_NAME, (run, 1, *self.input_spec.shape[1:])):
                 raise RuntimeError(f"TensorRT refused input shape ({run}, 1, ...)")
             if not self._context.execute_async_v3(self._stream.cuda_stream):
@@ -145,12 +144,34 @@ class TensorRTBackend(Backend):
         self._stream.synchronize()
         return self._h_output[:n].numpy().copy()
 
+    def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        n = len(chunk)
+        self._h_input[:n].numpy()[...] = chunk  # pinned: the copy below is asynchronous
+        return self._execute(n, lambda: self._d_input[:n].copy_(self._h_input[:n], non_blocking=True))
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = self.check_batch(batch)
         if len(batch) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         with self._lock:
             parts = [self._run_chunk(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """A batch already on this GPU (GPU decode) is copied device to device; anything else goes through the host."""
+        if batch.device != self.device:
+            return self.predict(batch.detach().to("cpu").numpy())
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_spec.shape:
+            raise ValueError(f"{self.name}: expected a batch of shape (N, 1, S, S), got {tuple(batch.shape)}")
+        if len(batch) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        batch = batch.to(torch.float32).contiguous()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the batch was made on torch's stream
+        parts = []
+        with self._lock:
+            for i in range(0, len(batch), self.max_batch):
+                chunk = batch[i : i + self.max_batch]
+                parts.append(self._execute(len(chunk), lambda c=chunk: self._d_input[: len(c)].copy_(c)))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def describe(self) -> dict:

@@ -1,4 +1,6 @@
-"""Provisioning the torch engine: its precision rules applied, the network loaded, bf16 checked."""
+"""Provisioning the torch engine: its precision rules applied, the network loaded, and every
+execution other than eager fp32 (bf16 on the CPU, fp16 / bf16 autocast on CUDA, CUDA graphs,
+torch.compile) checked against eager fp32 on the same device before it is used."""
 
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ def provision(root: Path, card: ModelCard, request: EngineRequest) -> TorchBacke
     model, _ = load_model(str(root))
     backend = TorchBackend(
         model, card.classes, card.image_size, device=request.device, precision=precision,
-        compile=request.compile, num_threads=request.num_threads,
+        compile=request.compile, cuda_graphs=request.cuda_graphs, num_threads=request.num_threads,
     )
-    if on_cpu and precision == "bf16":
-        backend.verify_against_fp32(atol=tolerance("torch", "bf16"))
+    if backend.precision != "fp32" or request.compile or request.cuda_graphs:
+        backend.verify_against_fp32(atol=tolerance("torch", backend.precision))
     return backend

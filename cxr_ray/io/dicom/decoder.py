@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from pydicom.dataset import Dataset
 
 from cxr_ray.errors import DecodeError
 from cxr_ray.io.dicom.header import (
+    Header,
     check_image,
     check_object,
     header_truncated,
@@ -20,16 +23,21 @@ from cxr_ray.io.pseudonym import pseudonym_or_none
 from cxr_ray.io.types import DecodedImage, DecodePolicy, ImageMetadata
 
 
-def decode_dicom(
-    data: bytes,
-    name: str,
-    *,
-    policy: DecodePolicy,
-    pseudonym_key: bytes | None = None,
-    target_size: int | None = None,
-    preamble: bool = True,
-) -> DecodedImage:
-    """Decode a DICOM file (``preamble`` False for a bare dataset) to grey float32 in [0, 1]."""
+@dataclass(frozen=True)
+class CheckedDicom:
+    """A DICOM file that passed every header guard: its dataset, header and complete Pixel Data.
+
+    What :func:`check_dicom` returns and both decoders (pydicom's plugins here, nvImageCodec in
+    :mod:`cxr_ray.io.gpu`) start from, so no decoder of either path sees a file the guards refuse.
+    """
+
+    ds: Dataset
+    hdr: Header
+    src: bytes | memoryview
+
+
+def check_dicom(data: bytes, name: str, *, policy: DecodePolicy, preamble: bool = True) -> CheckedDicom:
+    """Parse the header and run every check before decoding; :class:`DecodeError` on refusal."""
     ds, pixel_pos = read_header(data, name, preamble, policy.max_header_bytes)
     recognisable = is_recognisable(ds)
     header_cut = header_truncated(ds, len(data), preamble, recognisable)
@@ -48,8 +56,22 @@ def decode_dicom(
     if len(data) - pixel_pos < 8:
         pixel_source(data, pixel_pos, hdr, name, header_cut)  # raises no_pixel_data / truncated
     check_image(hdr, policy, name)
-    src = pixel_source(data, pixel_pos, hdr, name, header_cut)
-    pixels = decode_frame(src, ds, hdr, policy, name, target_size)
+    return CheckedDicom(ds, hdr, pixel_source(data, pixel_pos, hdr, name, header_cut))
+
+
+def decode_dicom(
+    data: bytes,
+    name: str,
+    *,
+    policy: DecodePolicy,
+    pseudonym_key: bytes | None = None,
+    target_size: int | None = None,
+    preamble: bool = True,
+) -> DecodedImage:
+    """Decode a DICOM file (``preamble`` False for a bare dataset) to grey float32 in [0, 1]."""
+    checked = check_dicom(data, name, policy=policy, preamble=preamble)
+    ds, hdr = checked.ds, checked.hdr
+    pixels = decode_frame(checked.src, ds, hdr, policy, name, target_size)
     try:
         if hdr.samples == 3:
             unit = colour_to_unit(pixels, hdr, target_size)
@@ -60,12 +82,21 @@ def decode_dicom(
     except DecodeError:
         raise
     except Exception as exc:  # malformed LUT / window / rescale attributes
-        raise DecodeError(
-            "corrupt",
-            f"{name}: modality/VOI attributes could not be applied ({type(exc).__name__})",
-        ) from None
+        raise values_error(name, exc) from None
     np.clip(unit, 0.0, 1.0, out=unit)
-    meta = ImageMetadata(
+    return DecodedImage(pixels=unit, meta=dicom_metadata(ds, hdr, pseudonym_key))
+
+
+def values_error(name: str, exc: BaseException) -> DecodeError:
+    """Malformed LUT / window / rescale attributes, as the one ``corrupt`` error both decoders give."""
+    return DecodeError(
+        "corrupt", f"{name}: modality/VOI attributes could not be applied ({type(exc).__name__})"
+    )
+
+
+def dicom_metadata(ds: Dataset, hdr: Header, pseudonym_key: bytes | None) -> ImageMetadata:
+    """What outputs may say about a decoded DICOM image (identifiers only as keyed pseudonyms)."""
+    return ImageMetadata(
         format="dicom",
         rows=hdr.rows,
         cols=hdr.cols,
@@ -79,7 +110,6 @@ def decode_dicom(
         warnings=tuple(hdr.warnings),
         **_pseudonyms(ds, pseudonym_key),
     )
-    return DecodedImage(pixels=unit, meta=meta)
 
 
 def _identifier(ds: Dataset | None, keyword: str) -> str | None:

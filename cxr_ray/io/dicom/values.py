@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -25,13 +26,18 @@ def _window(ds: Dataset) -> tuple[float, float, str] | None:
     return float(center), float(width), function
 
 
-def _apply_window(pixels: np.ndarray, center: float, width: float, function: str) -> bool:
-    """PS3.3 C.11.2.1.2 windowing to [0, 1], in place. False when the width is invalid."""
+def window_valid(center: float, width: float, function: str) -> bool:
+    """Whether PS3.3 C.11.2.1.2 defines this window (else min-max is used, with a note)."""
     if not (math.isfinite(center) and math.isfinite(width)):
         return False
+    return width > 0 if function in ("SIGMOID", "LINEAR_EXACT") else width >= 1
+
+
+def _apply_window(pixels: np.ndarray, center: float, width: float, function: str) -> bool:
+    """PS3.3 C.11.2.1.2 windowing to [0, 1], in place. False when the width is invalid."""
+    if not window_valid(center, width, function):
+        return False
     if function == "SIGMOID":
-        if width <= 0:
-            return False
         pixels -= np.float32(center)
         pixels *= np.float32(-4.0 / width)
         with np.errstate(over="ignore"):
@@ -40,13 +46,9 @@ def _apply_window(pixels: np.ndarray, center: float, width: float, function: str
         np.reciprocal(pixels, out=pixels)
         return True
     if function == "LINEAR_EXACT":
-        if width <= 0:
-            return False
         pixels -= np.float32(center)
         pixels *= np.float32(1.0 / width)
     else:  # LINEAR (the default, and what an unknown function falls back to)
-        if width < 1:
-            return False
         if width == 1:  # degenerate: a threshold at center - 0.5
             np.greater(pixels, np.float32(center - 0.5), out=pixels, casting="unsafe")
             return True
@@ -55,16 +57,6 @@ def _apply_window(pixels: np.ndarray, center: float, width: float, function: str
     pixels += np.float32(0.5)
     np.clip(pixels, 0.0, 1.0, out=pixels)
     return True
-
-
-def _window_or_min_max(pixels: np.ndarray, ds: Dataset, notes: list[str]) -> None:
-    """The dataset's window, in place; min-max when it has none or an invalid one (noted)."""
-    window = _window(ds)
-    if window is not None and not _apply_window(pixels, *window):
-        notes.append(f"window width {window[1]} invalid for {window[2]}; used min-max")
-        window = None
-    if window is None:
-        _min_max(pixels, notes)
 
 
 def _min_max(pixels: np.ndarray, notes: list[str]) -> None:
@@ -129,21 +121,62 @@ def _rescale(ds: Dataset) -> tuple[float, float] | None:
     return slope, intercept
 
 
+@dataclass(frozen=True)
+class GreyTransform:
+    """What a grey DICOM's header asks of its stored values, read once (the CPU path and the GPU path,
+    :mod:`cxr_ray.io.gpu.values`, both apply exactly this)."""
+
+    modality_lut: tuple[int, np.ndarray] | None  # (first mapped value, float32 entries)
+    voi_lut: tuple[int, np.ndarray] | None
+    rescale: tuple[float, float] | None  # (slope, intercept); None without one, or with a Modality LUT
+    window: tuple[float, float, str] | None  # (center, width, function) as written; validity is checked on use
+    monochrome1: bool
+
+
+def grey_transform(ds: Dataset, hdr: Header) -> GreyTransform:
+    """The modality LUT / rescale, VOI LUT / window and MONOCHROME1 of a grey dataset.
+
+    Malformed attributes raise (``ValueError`` and the like): the decoder reports them as ``corrupt``.
+    """
+    signed = hdr.pixel_representation == 1
+    modality_lut = _lut(ds, "ModalityLUTSequence", hdr.little_endian, signed)
+    return GreyTransform(
+        modality_lut=modality_lut,
+        voi_lut=_lut(ds, "VOILUTSequence", hdr.little_endian, signed),
+        rescale=None if modality_lut else _rescale(ds),
+        window=_window(ds),
+        monochrome1=hdr.photometric == "MONOCHROME1",
+    )
+
+
+def _window_or_min_max_of(pixels: np.ndarray, window: tuple[float, float, str] | None, notes: list[str]) -> None:
+    """``window`` in place; min-max when there is none or an invalid one (noted)."""
+    if window is not None and not _apply_window(pixels, *window):
+        notes.append(f"window width {window[1]} invalid for {window[2]}; used min-max")
+        window = None
+    if window is None:
+        _min_max(pixels, notes)
+
+
 def grey_to_unit(
     pixels: np.ndarray, ds: Dataset, hdr: Header, target_size: int | None, notes: list[str]
 ) -> np.ndarray:
-    """Stored values -> modality LUT / rescale -> VOI LUT / window -> [0, 1] float32."""
-    signed = hdr.pixel_representation == 1
-    modality_lut = _lut(ds, "ModalityLUTSequence", hdr.little_endian, signed)
-    voi_lut = _lut(ds, "VOILUTSequence", hdr.little_endian, signed)
-    rescale = None if modality_lut else _rescale(ds)
+    """Stored values -> modality LUT / rescale -> VOI LUT / window -> [0, 1] float32 (MONOCHROME1 not yet inverted)."""
+    return apply_grey_transform(pixels, grey_transform(ds, hdr), target_size, notes)
+
+
+def apply_grey_transform(
+    pixels: np.ndarray, transform: GreyTransform, target_size: int | None, notes: list[str]
+) -> np.ndarray:
+    """:func:`grey_to_unit` with the header already read (MONOCHROME1 is the caller's last step)."""
+    modality_lut, voi_lut, rescale = transform.modality_lut, transform.voi_lut, transform.rescale
     if modality_lut is None and voi_lut is None:
         # The common path: one full-size float copy, reduced, then in-place arithmetic.
         out = raster.reduce_float(pixels.astype(np.float32), target_size)
         if rescale is not None:
             out *= np.float32(rescale[0])
             out += np.float32(rescale[1])
-        _window_or_min_max(out, ds, notes)
+        _window_or_min_max_of(out, transform.window, notes)
         return out
     # LUT path (rare): tables index integer values, so it runs at full size.
     if modality_lut is not None:
@@ -154,7 +187,7 @@ def grey_to_unit(
         values = pixels
     if voi_lut is None:
         out = values.astype(np.float32)
-        _window_or_min_max(out, ds, notes)
+        _window_or_min_max_of(out, transform.window, notes)
         return raster.reduce_float(out, target_size)
     first, lut = voi_lut
     out = _apply_lut(np.rint(values) if values.dtype.kind == "f" else values, first, lut)
