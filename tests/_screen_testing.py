@@ -45,6 +45,18 @@ def make_archive(directory: Path, *, n: int = 40, corrupt_fraction: float = 0.25
     return labels
 
 
+def screen_config(artifact, inputs, output, **overrides):
+    """A small, fast ScreenConfig for tests (ONNX Runtime, one actor, 10-row parts); ``overrides`` win."""
+    from cxr_ray.screen.config import ScreenConfig
+
+    base = dict(
+        model=artifact, inputs=inputs, output=str(output), backend="onnxruntime", batch_size=8,
+        decode_batch_size=4, rows_per_part=10, actors=(1, 1), progress_every_s=0,
+    )
+    base.update(overrides)
+    return ScreenConfig(**base)
+
+
 def expected_status(code) -> str:
     from cxr_ray.screen.schema import status_for
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from _screen_testing import make_archive, make_artifact, read_rows
+from _screen_testing import make_archive, make_artifact, read_rows, screen_config
 from test_dicomweb import upload_sources
 
 from cxr_ray.dicomnet import web
 from cxr_ray.dicomnet.sr import SCHEME, Result, build_sr, read_result
-from cxr_ray.screen.config import ScreenConfig
 from cxr_ray.screen.dicom_results import NOT_STORED
 from cxr_ray.screen.job import run_screen
 
@@ -97,17 +96,11 @@ def test_srs_pass_dciodvfy(real_data_dir, phantoms, tmp_path):
     assert checked >= 4
 
 
-def _config(artifact, inputs, output, **overrides) -> ScreenConfig:
-    base = dict(model=artifact, inputs=inputs, output=str(output), backend="onnxruntime", batch_size=8,
-                decode_batch_size=4, rows_per_part=10, actors=(1, 1), progress_every_s=0)
-    base.update(overrides)
-    return ScreenConfig(**base)
-
 
 def test_folder_results_one_sr_per_ok_dicom_row_none_for_failures(ray_cluster, phantoms, artifact, tmp_path):
     root, labels = phantoms
     results = tmp_path / "srs"
-    summary = run_screen(_config(artifact, [str(root / "labels.csv")], tmp_path / "out", dicom_results=str(results)))
+    summary = run_screen(screen_config(artifact, [str(root / "labels.csv")], tmp_path / "out", dicom_results=str(results)))
     rows = read_rows(tmp_path / "out")
     ok_dicom = rows[(rows["status"] == "ok") & (rows["format"] == "dicom")]
     assert (rows["status"] == "error").any() and len(ok_dicom) >= 3  # failures present, and SR-able rows
@@ -136,7 +129,7 @@ def test_srs_stored_by_stow_under_the_right_studies(ray_cluster, orthanc, real_d
     stored = upload_sources(orthanc, real_data_dir, root, labels)
     sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in stored.items()}
     query = orthanc.dicomweb + "?ModalitiesInStudy=CR,DX"
-    summary = run_screen(_config(artifact, [query], tmp_path / "out", dicom_results=orthanc.dicomweb))
+    summary = run_screen(screen_config(artifact, [query], tmp_path / "out", dicom_results=orthanc.dicomweb))
     rows = read_rows(tmp_path / "out")
     assert len(rows) == len(stored) and (rows["status"] == "ok").all()
     assert summary["dicom_results"]["stored"] == len(stored) and summary["dicom_results"]["not_stored"] == 0
@@ -153,7 +146,7 @@ def test_srs_stored_by_stow_under_the_right_studies(ray_cluster, orthanc, real_d
         _assert_same(by_source[row["path"].rsplit("/", 1)[-1]], row)
     # the SRs are not screening inputs: the same query lists the same instances, and a re-run adds nothing
     assert len(list(web.list_instances(query))) == len(stored)
-    again = run_screen(_config(artifact, [query], tmp_path / "out", dicom_results=orthanc.dicomweb))
+    again = run_screen(screen_config(artifact, [query], tmp_path / "out", dicom_results=orthanc.dicomweb))
     assert again["screened_this_run"] == 0 and again["rows"] == len(stored)
 
 
@@ -171,7 +164,7 @@ def test_patient_identifiers_only_in_the_srs(ray_cluster, orthanc, real_data_dir
     assert identifiers
     monkeypatch.setenv("CXR_TEST_RESULTS_KEY", "operator-secret")
     out, srs = tmp_path / "out", tmp_path / "srs"
-    summary = run_screen(_config(artifact, [orthanc.dicomweb + "?ModalitiesInStudy=CR,DX"], out,
+    summary = run_screen(screen_config(artifact, [orthanc.dicomweb + "?ModalitiesInStudy=CR,DX"], out,
                                  dicom_results=str(srs), pseudonym_key_env="CXR_TEST_RESULTS_KEY"))
     outputs = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file()) + json.dumps(summary).encode()
     for value in identifiers:
@@ -186,7 +179,7 @@ def test_stow_failure_keeps_rows_warns_and_is_counted(ray_cluster, phantoms, art
 
     root, _ = phantoms
     nowhere = f"dicomweb://127.0.0.1:{free_port()}/dicom-web"
-    summary = run_screen(_config(artifact, [str(root / "labels.csv")], tmp_path / "out", dicom_results=nowhere))
+    summary = run_screen(screen_config(artifact, [str(root / "labels.csv")], tmp_path / "out", dicom_results=nowhere))
     rows = read_rows(tmp_path / "out")
     ok_dicom = rows[(rows["status"] == "ok") & (rows["format"] == "dicom")]
     assert summary["complete"] and len(rows) == summary["inputs"]

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from _screen_testing import make_archive, make_artifact, read_rows
+from _screen_testing import make_archive, make_artifact, read_rows, screen_config
 
 from cxr_ray.dicomnet import web
 from cxr_ray.errors import UsageError
 from cxr_ray.inspect import inspect_inputs
-from cxr_ray.screen.config import ScreenConfig
 from cxr_ray.screen.job import run_screen
 
 
@@ -96,24 +95,18 @@ def test_inspect_accepts_dicomweb_uris(pacs):
     assert [r["error_code"] for r in missing] == ["read_failed"]
 
 
-def _config(artifact, inputs, output, **overrides) -> ScreenConfig:
-    base = dict(model=artifact, inputs=inputs, output=str(output), backend="onnxruntime", batch_size=8,
-                decode_batch_size=4, rows_per_part=10, actors=(1, 1), progress_every_s=0)
-    base.update(overrides)
-    return ScreenConfig(**base)
-
 
 def test_screen_from_dicomweb_one_row_per_instance_and_resume(ray_cluster, pacs, artifact, tmp_path):
     orthanc, stored = pacs
     out = tmp_path / "out"
-    summary = run_screen(_config(artifact, [query(orthanc)], out))
+    summary = run_screen(screen_config(artifact, [query(orthanc)], out))
     assert summary["complete"]
     rows = read_rows(out)
     assert len(rows) == len(stored)
     assert {p.rsplit("/", 1)[-1] for p in rows["path"]} == set(stored)
     assert (rows["status"] == "ok").all(), rows[["path", "error_code", "error"]]
     assert set(rows["modality"]) <= {"CR", "DX"}
-    again = run_screen(_config(artifact, [query(orthanc)], out))  # resume: every instance already written
+    again = run_screen(screen_config(artifact, [query(orthanc)], out))  # resume: every instance already written
     assert again["complete"]
     assert len(read_rows(out)) == len(stored)
     assert again["resumed_rows"] == len(stored) and again["screened_this_run"] == 0
@@ -134,7 +127,7 @@ def test_same_rows_as_screening_the_files(ray_cluster, pacs, artifact, tmp_path)
 
 
 def _screened(artifact, inputs, out) -> Path:
-    assert run_screen(_config(artifact, inputs, out))["complete"]
+    assert run_screen(screen_config(artifact, inputs, out))["complete"]
     return out
 
 

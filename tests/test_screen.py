@@ -13,7 +13,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
-from _screen_testing import CLASSES, expected_status, make_archive, make_artifact, read_rows
+from _screen_testing import (
+    CLASSES,
+    expected_status,
+    make_archive,
+    make_artifact,
+    read_rows,
+    screen_config,
+)
 
 from cxr_ray.engines.load import REDUCED_PRECISION_ATOL, load_backend
 from cxr_ray.engines.torch.runtime import cpu_has_native_bf16
@@ -42,14 +49,6 @@ def artifact(tmp_path_factory):
     return make_artifact(tmp_path_factory.mktemp("screen-model") / "model")
 
 
-def _config(artifact, inputs, output, **overrides) -> ScreenConfig:
-    base = dict(
-        model=artifact, inputs=inputs, output=str(output), backend="onnxruntime", batch_size=8,
-        decode_batch_size=4, rows_per_part=10, actors=(1, 1), progress_every_s=0,
-    )
-    base.update(overrides)
-    return ScreenConfig(**base)
-
 
 @pytest.fixture(scope="module")
 def screened(ray_cluster, archive, artifact, tmp_path_factory):
@@ -58,7 +57,7 @@ def screened(ray_cluster, archive, artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("screen-out") / "run"
     os.environ[KEY_ENV] = "operator-secret"
     try:
-        summary = run_screen(_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=KEY_ENV))
+        summary = run_screen(screen_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=KEY_ENV))
     finally:
         os.environ.pop(KEY_ENV, None)
     return out, summary
@@ -145,7 +144,7 @@ def test_rerun_resumes_skips_everything_and_duplicates_nothing(ray_cluster, arch
     root, labels = archive
     out, first = screened
     before = read_rows(out)
-    again = run_screen(_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=None))
+    again = run_screen(screen_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=None))
     after = read_rows(out)
     assert again["complete"] and again["screened_this_run"] == 0 and again["resumed_rows"] == len(labels)
     assert len(after) == len(labels) and after["path"].is_unique
@@ -159,9 +158,9 @@ def test_resume_screens_only_new_inputs(ray_cluster, archive, artifact, tmp_path
     manifest = tmp_path / "first.csv"
     pacsv.write_csv(pa.table({"path": images[:15]}), str(manifest))
     out = tmp_path / "out"
-    first = run_screen(_config(artifact, [str(manifest)], out))
+    first = run_screen(screen_config(artifact, [str(manifest)], out))
     assert first["rows"] == 15
-    second = run_screen(_config(artifact, [str(root / "images")], out))
+    second = run_screen(screen_config(artifact, [str(root / "images")], out))
     rows = read_rows(out)
     assert second["complete"] and second["screened_this_run"] == len(labels) - 15
     assert len(rows) == len(labels) and rows["path"].is_unique
@@ -173,7 +172,7 @@ def test_duplicate_and_missing_manifest_entries(ray_cluster, archive, artifact, 
     first = labels["uri"].iloc[0]
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path\n{first}\n{first}\n{tmp_path}/gone.dcm\n")
-    summary = run_screen(_config(artifact, [str(manifest)], tmp_path / "out"))
+    summary = run_screen(screen_config(artifact, [str(manifest)], tmp_path / "out"))
     rows = read_rows(tmp_path / "out")
     assert summary["complete"] and summary["inputs"] == 3 and summary["rows"] == 2
     assert summary["duplicates_removed"] == 1
@@ -185,14 +184,14 @@ def test_resume_with_another_model_is_refused(ray_cluster, archive, artifact, sc
     out, _ = screened
     other = make_artifact(tmp_path / "other", name="other", seed=1)
     with pytest.raises(UsageError, match="another model"):
-        run_screen(_config(other, [str(root / "labels.csv")], out))
+        run_screen(screen_config(other, [str(root / "labels.csv")], out))
 
 
 def test_bad_usage_fails_before_any_work(ray_cluster, artifact, tmp_path):
     with pytest.raises(UsageError, match="not found"):
-        run_screen(_config(artifact, [str(tmp_path / "nothing-here")], tmp_path / "out"))
+        run_screen(screen_config(artifact, [str(tmp_path / "nothing-here")], tmp_path / "out"))
     with pytest.raises(UsageError, match="NOT_SET_ANYWHERE"):
-        run_screen(_config(artifact, [str(tmp_path)], tmp_path / "out", pseudonym_key_env="NOT_SET_ANYWHERE"))
+        run_screen(screen_config(artifact, [str(tmp_path)], tmp_path / "out", pseudonym_key_env="NOT_SET_ANYWHERE"))
     assert not (tmp_path / "out" / "parts").exists()
 
 
@@ -212,7 +211,7 @@ def test_layout_defaults():
 def test_bf16_opt_in_records_its_backend_and_stays_close_to_fp32(ray_cluster, archive, artifact, screened, tmp_path):
     root, _ = archive
     out = tmp_path / "bf16"
-    summary = run_screen(_config(artifact, [str(root / "labels.csv")], out, backend="auto", precision="bf16"))
+    summary = run_screen(screen_config(artifact, [str(root / "labels.csv")], out, backend="auto", precision="bf16"))
     rows = read_rows(out).set_index("path")
     fp32 = read_rows(screened[0]).set_index("path")
     ok = rows.index[rows["status"] == "ok"]
@@ -228,7 +227,7 @@ def test_decode_tasks_and_decode_in_actors_write_the_same_rows(ray_cluster, arch
     out = tmp_path / "tasks"
     os.environ[KEY_ENV] = "operator-secret"
     try:
-        run_screen(_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=KEY_ENV, decode_in_actors=False))
+        run_screen(screen_config(artifact, [str(root / "labels.csv")], out, pseudonym_key_env=KEY_ENV, decode_in_actors=False))
     finally:
         os.environ.pop(KEY_ENV, None)
     tasks, fused = read_rows(out), read_rows(screened[0])
