@@ -70,13 +70,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.calibration is not None and args.precision != "int8":
             raise UsageError("--calibration is only used with --precision int8")
-        import torch
-
-        from cxr_ray.engines.preflight import check_engine
         from cxr_ray.engines.tensorrt.build import export_tensorrt
-
-        # before the ONNX export and calibration: TensorRT needs a GPU and its package here
-        check_engine("tensorrt", args.precision, gpus=float(torch.cuda.device_count()), device=args.device)
 
         result = export_tensorrt(
             args.model,
