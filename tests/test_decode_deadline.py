@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -32,12 +32,28 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# The deadline abandons a stalled decoder's thread but cannot stop it. Each test releases its stalled
+# decoders when it ends: a spinning thread left behind would hold the GIL for the rest of the session
+# and slow every later test in this process many times over.
+# A fresh event per test, so a thread of the last test cannot miss its release.
+_release = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def release_stalled_decoders():
+    global _release
+    _release = release = threading.Event()
+    yield
+    release.set()
+
+
 def _hang(*_args, **_kwargs):
-    time.sleep(3600)
+    _release.wait(3600)
 
 
 def _spin(*_args, **_kwargs):
-    while True:  # pure-Python busy loop: holds the GIL between switch intervals
+    release = _release
+    while not release.is_set():  # pure-Python busy loop: holds the GIL between switch intervals
         pass
 
 
