@@ -138,3 +138,14 @@ def test_a_decoder_spinning_while_holding_the_gil_is_stopped_by_the_process_back
                           env=os.environ.copy())
     assert done.returncode != 0 and "survived" not in done.stdout
     assert re.search(r"Timeout \([\d:.]+\)!", done.stderr), done.stderr[-2000:]
+
+
+def test_the_backstop_works_where_stderr_has_no_file_descriptor(monkeypatch, tmp_path):
+    """pytest's capture or a notebook replaces sys.stderr with a stream faulthandler cannot write to:
+    decoding must go on (the dump goes to the process's original stderr)."""
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(np.full((32, 32), 128, np.uint8)))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    out = decode_batch(pa.table({"path": [str(good)]}), preprocessing={"image_size": 16, "mean": 0.5, "std": 0.25},
+                       policy=SHORT).to_pylist()
+    assert [(r["status"], r["error_code"]) for r in out] == [("ok", None)]

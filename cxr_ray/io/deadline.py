@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import io
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -113,6 +115,20 @@ def call_with_deadline(function: Callable[[], T], seconds: float | None, name: s
     return outcome.value  # type: ignore[return-value]
 
 
+def _stderr_fd() -> int | None:
+    """A file descriptor for faulthandler's dump: stderr's, or the process's original one.
+
+    ``sys.stderr`` may be a stream without a descriptor (pytest's capture, a notebook); faulthandler
+    writes from C and needs a real one. None when there is none at all: the backstop is then off.
+    """
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            return stream.fileno()  # type: ignore[union-attr]
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            continue
+    return None
+
+
 @contextlib.contextmanager
 def process_backstop(seconds: float | None) -> Iterator[None]:
     """Exit this process (stacks dumped to stderr) if the block runs past ``seconds`` + grace.
@@ -120,10 +136,12 @@ def process_backstop(seconds: float | None) -> Iterator[None]:
     For Ray worker processes only: see the module docstring. ``seconds`` None
     (or <= 0) arms nothing.
     """
-    if seconds is None or seconds <= 0:
+    fd = None if seconds is None or seconds <= 0 else _stderr_fd()
+    if fd is None:
         yield
         return
-    faulthandler.dump_traceback_later(seconds + BACKSTOP_GRACE_S, exit=True)
+    assert seconds is not None
+    faulthandler.dump_traceback_later(seconds + BACKSTOP_GRACE_S, exit=True, file=fd)
     try:
         yield
     finally:
