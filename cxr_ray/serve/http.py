@@ -166,7 +166,7 @@ PREDICT_BODY = {
 def errors(*statuses: int) -> dict:
     text = {
         400: "malformed request", 401: "missing or wrong X-API-Key", 413: "body larger than the limit",
-        415: "unsupported Content-Type", 422: "undecodable, or not a frontal chest X-ray",
+        406: "Accept: application/dicom for a non-DICOM input", 415: "unsupported Content-Type", 422: "undecodable, or not a frontal chest X-ray",
         500: "internal error", 503: "overloaded, retry later",
     }
     return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
