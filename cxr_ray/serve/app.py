@@ -208,20 +208,24 @@ class CxrIngress:
             )
         except DecodeError as exc:
             raise ApiError(422, exc.code, exc.message) from None
-        if as_sr:  # refused before the model runs: an SR is filed under the source's DICOM header
-            if meta.format != "dicom":
-                raise ApiError(406, "not_acceptable", f"Accept: {DICOM_TYPE} needs a DICOM input; this one is "
-                               f"{meta.format} (ask for application/json instead)")
-            result, _ = await self._run_model(tensor, None, None)
-            try:
-                sr = await asyncio.to_thread(sr_bytes, data, info, result)
-            except SrUnavailable as exc:
-                raise ApiError(422, "sr_unavailable", str(exc)) from None
-            return Response(sr, media_type=DICOM_TYPE)
+        if as_sr:
+            return await self._sr_answer(data, meta.format, tensor, info)
         del data
         result, heatmap = await self._run_model(tensor, pixels, explain.value if explain is not None else None)
         timing = {"read_ms": read_ms, "decode_ms": decode_ms, "model_ms": float(result["model_ms"]), "start": start}
         return self._response(request_id, info, meta, warnings, result, timing, explain, heatmap)
+
+    async def _sr_answer(self, data: bytes, fmt: str, tensor: Any, info: dict[str, Any]) -> Response:
+        """``Accept: application/dicom``: the Comprehensive SR of the prediction (cxr_ray.serve.report)."""
+        if fmt != "dicom":  # refused before the model runs: an SR is filed under the source's DICOM header
+            raise ApiError(406, "not_acceptable", f"Accept: {DICOM_TYPE} needs a DICOM input; this one is "
+                           f"{fmt} (ask for application/json instead)")
+        result, _ = await self._run_model(tensor, None, None)
+        try:
+            sr = await asyncio.to_thread(sr_bytes, data, info, result)  # header parse + highdicom: off the loop
+        except SrUnavailable as exc:
+            raise ApiError(422, "sr_unavailable", str(exc)) from None
+        return Response(sr, media_type=DICOM_TYPE)
 
     @staticmethod
     def _response(request_id, info, meta, warnings, result, timing, explain, heatmap) -> PredictResponse:

@@ -49,7 +49,8 @@ api = FastAPI(
     description=(
         "POST an image (DICOM, PNG or JPEG) to `/v1/predict` as the raw body or as the multipart "
         "field `file`. Errors are JSON `{\"error\": {\"code\", \"message\"}}`; 422 codes are the "
-        "decoder's (`lateral_view`, `not_an_image`, ...)."
+        "decoder's (`lateral_view`, `not_an_image`, ...). With `Accept: application/dicom`, a DICOM "
+        "input is answered with the result as a DICOM Comprehensive SR (Part-10 bytes)."
     ),
     version="1",
 )
