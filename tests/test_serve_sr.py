@@ -124,3 +124,33 @@ def test_refusals_are_typed_and_the_replica_keeps_answering(client, samples):
     assert str(source.PatientID) not in text and str(source.PatientName) not in text
     assert client.get("/healthz").status_code == 200
     _sr(client.post("/v1/predict", content=samples["dicom"], headers=AS_SR))
+
+
+def test_logs_after_sr_requests_carry_no_patient_identifiers(client, samples):
+    """The SR holds the identifiers; Serve's logs for SR requests (answered and refused) do not."""
+    import time
+    from pathlib import Path
+
+    import ray
+
+    source = pydicom.dcmread(io.BytesIO(samples["dicom"]))
+    ok = client.post("/v1/predict", content=samples["dicom"], headers=AS_SR)
+    assert ok.status_code == 200
+    source.ViewPosition = "LL"  # refused: lateral_view, after the header was read
+    lateral = io.BytesIO()
+    source.save_as(lateral)
+    _error(client.post("/v1/predict", content=lateral.getvalue(), headers=AS_SR), 422, "lateral_view")
+    identifiers = {str(source.PatientID), str(source.PatientName), str(source.StudyInstanceUID),
+                   str(source.SOPInstanceUID)}
+    identifiers = {i for i in identifiers if len(i) >= 6}
+    request_id = ok.headers["x-request-id"]
+    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 30
+    while True:  # log files are written asynchronously
+        text = "\n".join(p.read_text(errors="replace") for p in logs_dir.glob("*.log"))
+        if f"request_id={request_id}" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert f"request_id={request_id}" in text
+    leaked = [i for i in identifiers if i in text]
+    assert not leaked, f"patient identifiers in Serve logs: {leaked}"
