@@ -17,6 +17,7 @@ ERROR_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    406: "not_acceptable",
     413: "too_large",
     415: "unsupported_media_type",
     500: "internal",

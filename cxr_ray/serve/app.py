@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import Request
+from fastapi.responses import Response
 from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -56,6 +57,7 @@ from cxr_ray.serve.http import (
     request_id_of,
 )
 from cxr_ray.serve.predictor import CxrPredictor
+from cxr_ray.serve.report import DICOM_TYPE, SR_RESPONSE, SrUnavailable, sr_bytes, wants_dicom
 
 logger = logging.getLogger("ray.serve")
 
@@ -174,7 +176,7 @@ class CxrIngress:
     @api.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses=errors(400, 401, 413, 415, 422, 500, 503),
+        responses={**SR_RESPONSE, **errors(400, 401, 406, 413, 415, 422, 500, 503)},
         openapi_extra=PREDICT_BODY,
         summary="Screen one chest X-ray",
     )
@@ -183,10 +185,14 @@ class CxrIngress:
         request: Request,
         explain: ExplainQuery = None,
         api_key: ApiKey = None,
-    ) -> PredictResponse:
+    ) -> PredictResponse | Response:
         start = time.perf_counter()
         request_id = request_id_of(request)
         self._check_key(api_key)
+        as_sr = wants_dicom(request.headers.get("accept"))
+        if as_sr and explain is not None:
+            raise ApiError(400, "bad_request", f"explain={explain.value} cannot be combined with Accept: {DICOM_TYPE} "
+                           "(the structured report carries no heatmap); drop one of them")
         data, declared = await image_bytes(request, self.args.max_body_bytes)
         read_ms = (time.perf_counter() - start) * 1000
         info = await self._model_info()
@@ -202,10 +208,24 @@ class CxrIngress:
             )
         except DecodeError as exc:
             raise ApiError(422, exc.code, exc.message) from None
+        if as_sr:
+            return await self._sr_answer(data, meta.format, tensor, info)
         del data
         result, heatmap = await self._run_model(tensor, pixels, explain.value if explain is not None else None)
         timing = {"read_ms": read_ms, "decode_ms": decode_ms, "model_ms": float(result["model_ms"]), "start": start}
         return self._response(request_id, info, meta, warnings, result, timing, explain, heatmap)
+
+    async def _sr_answer(self, data: bytes, fmt: str, tensor: Any, info: dict[str, Any]) -> Response:
+        """``Accept: application/dicom``: the Comprehensive SR of the prediction (cxr_ray.serve.report)."""
+        if fmt != "dicom":  # refused before the model runs: an SR is filed under the source's DICOM header
+            raise ApiError(406, "not_acceptable", f"Accept: {DICOM_TYPE} needs a DICOM input; this one is "
+                           f"{fmt} (ask for application/json instead)")
+        result, _ = await self._run_model(tensor, None, None)
+        try:
+            sr = await asyncio.to_thread(sr_bytes, data, info, result)  # header parse + highdicom: off the loop
+        except SrUnavailable as exc:
+            raise ApiError(422, "sr_unavailable", str(exc)) from None
+        return Response(sr, media_type=DICOM_TYPE)
 
     @staticmethod
     def _response(request_id, info, meta, warnings, result, timing, explain, heatmap) -> PredictResponse:

@@ -49,7 +49,8 @@ api = FastAPI(
     description=(
         "POST an image (DICOM, PNG or JPEG) to `/v1/predict` as the raw body or as the multipart "
         "field `file`. Errors are JSON `{\"error\": {\"code\", \"message\"}}`; 422 codes are the "
-        "decoder's (`lateral_view`, `not_an_image`, ...)."
+        "decoder's (`lateral_view`, `not_an_image`, ...). With `Accept: application/dicom`, a DICOM "
+        "input is answered with the result as a DICOM Comprehensive SR (Part-10 bytes)."
     ),
     version="1",
 )
@@ -166,7 +167,7 @@ PREDICT_BODY = {
 def errors(*statuses: int) -> dict:
     text = {
         400: "malformed request", 401: "missing or wrong X-API-Key", 413: "body larger than the limit",
-        415: "unsupported Content-Type", 422: "undecodable, or not a frontal chest X-ray",
+        406: "Accept: application/dicom for a non-DICOM input", 415: "unsupported Content-Type", 422: "undecodable, or not a frontal chest X-ray",
         500: "internal error", 503: "overloaded, retry later",
     }
     return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
