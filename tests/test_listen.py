@@ -8,8 +8,10 @@ with its error code and the SCP serves the next one; without --forward-to the SR
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from _screen_testing import make_artifact
+from _screen_testing import PYTHON, make_artifact, subprocess_env
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -265,3 +267,35 @@ def test_destination_rules(screener):
             Destination.parse(bad)
     with pytest.raises(UsageError, match="--forward-to"):
         Listener(screener)
+
+
+@needs_dcmtk
+def test_cli_listens_screens_and_stops_on_sigterm(screener, tmp_path):
+    """`cxr-ray listen` as a user runs it: one JSON line when listening, SR forwarded, counts on SIGTERM."""
+    receiver = Receiver()
+    port = _free_port()
+    artifact = screener.artifact
+    cmd = [PYTHON, "-m", "cxr_ray", "listen", "--model", artifact, "--port", str(port), "--backend", "onnxruntime",
+           "--forward-to", f"127.0.0.1:{receiver.port}:RECEIVER"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        started = json.loads(proc.stdout.readline())
+        assert started == {"listening": f"127.0.0.1:{port}", "ae_title": "CXRRAY",
+                           "sr_to": f"127.0.0.1:{receiver.port}:RECEIVER"}
+        done = _storescu(port, make_xray(tmp_path / "dx.dcm", seed=9))
+        assert done.returncode == 0, done.stdout + done.stderr
+        receiver.wait_for(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+        receiver.server.shutdown()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["sr_sent"] == 1
+    assert PATIENT_ID not in stderr and "Doe" not in stderr
+
+
+def test_cli_needs_a_destination(tmp_path):
+    done = subprocess.run([PYTHON, "-m", "cxr_ray", "listen", "--model", str(tmp_path)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--forward-to" in done.stderr

@@ -89,7 +89,7 @@ class Screener:
 
     def __init__(self, model: str, *, backend: str = "auto", device: str | None = None,
                  s3_endpoint: str | None = None) -> None:
-        artifact = str(localize(model, s3_endpoint))
+        artifact = self.artifact = str(localize(model, s3_endpoint))
         self.card = load_card(artifact)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-listen-model")
         self.backend = self._model_thread.submit(load_backend, artifact, backend, device=device).result()
