@@ -25,6 +25,7 @@ VERBS = {
     "export": "export",
     "screen": "screen",
     "serve": "serve",
+    "listen": "listen",
     "explain": "explain",
     "bench": "bench",
 }

@@ -1,0 +1,230 @@
+"""``cxr-ray listen``: a DICOM C-STORE SCP that screens each pushed X-ray and stores its SR onward.
+
+A plain process, no Ray: pynetdicom runs one handler thread per association,
+and the model is loaded once per process and shared by them (one model thread
+owns the backend, as in :class:`cxr_ray.serve.predictor.CxrPredictor`: torch ran
+slower when called from several threads). On a cluster, run it as a plain
+process (a systemd unit or a container next to the Ray head); it is not a Ray
+actor or Serve deployment, because a DICOM node needs a fixed host and port that
+modalities and the PACS are configured with, which Serve's HTTP proxy does not
+give a raw TCP protocol.
+
+* Accepted: :data:`SCREENED_SOP_CLASSES` (CR, DX for presentation / for
+  processing) and Verification (C-ECHO). Any other abstract syntax is rejected
+  at association negotiation; a C-STORE of another class that still arrives
+  is answered ``0x0122`` (SOP class not supported).
+* Each instance goes through the project's own decode (same guards, same error
+  codes), the same backend and decision as ``serve``, and
+  :func:`cxr_ray.dicomnet.results.sr_for` for the Comprehensive SR.
+* A bad instance is answered ``0xC000`` (cannot understand) with its error code
+  in Error Comment and in the log; the SCP goes on with the next one.
+* Destination of the SR (:class:`Destination`): ``--forward-to HOST:PORT:AET``
+  when given (the configured node, as MONAI Deploy / Orthanc route results);
+  else back to the calling AE, at its IP address, on ``--reply-port``, with
+  its calling AE title.
+* Logs name an instance by a digest of its SOP Instance UID, never by patient
+  identifiers: only the SR carries those (copied from the source).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.events import EventHandlerType
+
+from cxr_ray.dicomnet.results import sr_for
+from cxr_ray.engines.load import load_backend
+from cxr_ray.errors import DecodeError, UsageError
+from cxr_ray.io.inputs import InputPolicy, load_input
+from cxr_ray.models.artifact import load_card, localize
+from cxr_ray.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SCREENED_SOP_CLASSES = (CR_IMAGE_STORAGE, DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE)
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
+
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+CANNOT_UNDERSTAND = 0xC000  # PS3.4 C-STORE "Error: cannot understand" (0xCxxx)
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """``HOST:PORT:AET`` (``--forward-to``)."""
+        host, _, rest = text.rpartition(":")
+        host, _, port = host.rpartition(":")
+        if not host or not port.isdigit() or not rest:
+            raise UsageError(f"--forward-to {text!r}: expected HOST:PORT:AET, e.g. pacs.local:104:ORTHANC")
+        return cls(host, int(port), rest)
+
+
+def instance_digest(sop_instance_uid: str) -> str:
+    """What the logs call an instance: its UID's digest (UIDs can identify a patient's study)."""
+    return hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:16]
+
+
+class Screener:
+    """One model, loaded once: Part-10 bytes -> the screening row ``sr_for`` wants."""
+
+    def __init__(self, model: str, *, backend: str = "auto", device: str | None = None,
+                 s3_endpoint: str | None = None) -> None:
+        artifact = self.artifact = str(localize(model, s3_endpoint))
+        self.card = load_card(artifact)
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-listen-model")
+        self.backend = self._model_thread.submit(load_backend, artifact, backend, device=device).result()
+        self.config = self.card.preprocess_config
+        self.reading = InputPolicy(target_size=self.config.image_size)
+
+    def screen(self, data: bytes, name: str) -> dict[str, Any]:
+        """Raises :class:`DecodeError` for an input the decode refuses."""
+        # serve's CPU decode path (and screening's): the same read, guards, error codes, preprocessing.
+        image = load_input("request", self.reading, data=data, name=name).image
+        batch = preprocess(image.pixels, self.config)[None].astype(np.float32, copy=False)
+        probs = self._model_thread.submit(self.backend.predict, batch).result()
+        decisions = self.card.decide(probs)
+        return {
+            "predicted_label": decisions.labels[0],
+            "score": None if decisions.scores is None else float(decisions.scores[0]),
+            "flagged": None if decisions.flagged is None else bool(decisions.flagged[0]),
+            "threshold": float(self.card.threshold),
+            "model_name": self.card.name,
+            "model_version": self.card.version,
+        }
+
+    def close(self) -> None:
+        self._model_thread.shutdown(wait=False)
+
+
+def send_sr(sr: pydicom.Dataset, destination: Destination, calling_ae: str) -> int:
+    """C-STORE ``sr`` to ``destination`` on an association of its own; returns the status (-1: none)."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(COMPREHENSIVE_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return -1
+    try:
+        status = assoc.send_c_store(sr)
+        return int(status.Status) if "Status" in status else -1
+    finally:
+        assoc.release()
+
+
+class Listener:
+    """The SCP: screens C-STOREd X-rays, sends their SRs to ``forward_to`` or back to the caller."""
+
+    def __init__(self, screener: Screener, *, ae_title: str = "CXRRAY", forward_to: Destination | None = None,
+                 reply_port: int | None = None) -> None:
+        if forward_to is None and reply_port is None:
+            raise UsageError("listen: give --forward-to HOST:PORT:AET, or --reply-port to send SRs back to the caller")
+        self.screener, self.ae_title = screener, ae_title
+        self.forward_to, self.reply_port = forward_to, reply_port
+        self.counts = {"screened": 0, "refused": 0, "failed": 0, "sr_sent": 0, "sr_failed": 0}
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def destination(self, caller_address: str, caller_ae: str) -> Destination:
+        if self.forward_to is not None:
+            return self.forward_to
+        assert self.reply_port is not None
+        return Destination(caller_address, self.reply_port, caller_ae)
+
+    def receive(self, sop_class: str, data: bytes, caller_address: str, caller_ae: str) -> pydicom.Dataset:
+        """One instance (Part-10 bytes) -> the C-STORE response status."""
+        status = pydicom.Dataset()
+        if sop_class not in SCREENED_SOP_CLASSES:
+            self._count("refused")
+            status.Status = SOP_CLASS_NOT_SUPPORTED
+            return status
+        try:
+            header = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True)
+            digest = instance_digest(str(header.SOPInstanceUID))
+        except Exception:  # noqa: BLE001 - any unreadable header is this instance's failure, not the SCP's
+            digest = "unreadable-header"
+        try:
+            row = self.screener.screen(data, f"instance {digest}")
+        except DecodeError as exc:
+            self._count("failed")
+            log.warning("listen: instance %s not screened: %s", digest, exc.code)
+            status.Status = CANNOT_UNDERSTAND
+            status.ErrorComment = f"cxr-ray decode error: {exc.code}"[:64]
+            return status
+        except Exception as exc:  # noqa: BLE001 - a backend failure must not end the SCP
+            self._count("failed")
+            log.error("listen: instance %s failed in the model: %s", digest, type(exc).__name__)
+            status.Status = PROCESSING_FAILURE
+            return status
+        self._count("screened")
+        log.info("listen: instance %s screened: %s score=%s", digest, row["predicted_label"], row["score"])
+        self._deliver(sr_for(data, row), digest, caller_address, caller_ae)
+        status.Status = SUCCESS
+        return status
+
+    def _deliver(self, sr: pydicom.Dataset, digest: str, caller_address: str, caller_ae: str) -> None:
+        """The instance was received and screened either way: a failed SR delivery is logged and counted."""
+        target = self.destination(caller_address, caller_ae)
+        try:
+            code = send_sr(sr, target, self.ae_title)
+        except Exception as exc:  # noqa: BLE001 - network errors of one delivery
+            code, why = -1, type(exc).__name__
+        else:
+            why = f"status 0x{code:04X}" if code >= 0 else "association refused or no status"
+        if code == SUCCESS:
+            self._count("sr_sent")
+            log.info("listen: SR for instance %s stored at %s:%d (%s)", digest, target.host, target.port,
+                     target.ae_title)
+        else:
+            self._count("sr_failed")
+            log.warning("listen: SR for instance %s not stored at %s:%d: %s", digest, target.host, target.port, why)
+
+    # ---- pynetdicom --------------------------------------------------------
+    def _on_store(self, event: Any) -> pydicom.Dataset:
+        requestor = event.assoc.requestor
+        data = bytes(event.encoded_dataset(include_meta=True))
+        return self.receive(str(event.request.AffectedSOPClassUID), data, requestor.address,
+                            str(requestor.ae_title).strip())
+
+    def application_entity(self) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in SCREENED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION)
+        return ae
+
+    def start(self, host: str, port: int, *, block: bool = False) -> Any:
+        """Serve on ``host:port``; with ``block=False`` returns the server (``.shutdown()`` stops it)."""
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
+        self._server = self.application_entity().start_server((host, port), block=block, evt_handlers=handlers)
+        return self._server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+__all__ = ["Destination", "Listener", "Screener", "SCREENED_SOP_CLASSES", "send_sr"]
