@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from cxr_ray.console import ray_init_kwargs
+
 
 def connect(address: str | None = None) -> bool:
     """Join a Ray cluster; True when this call initialised Ray (the caller shuts it down).
@@ -22,11 +24,11 @@ def connect(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **ray_init_kwargs(local=False))
     elif os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address="auto")
+        ray.init(address="auto", **ray_init_kwargs(local=False))
     else:
-        ray.init(address="local", include_dashboard=False)  # never join a stray cluster by accident
+        ray.init(address="local", include_dashboard=False, **ray_init_kwargs(local=True))  # never join a stray cluster by accident
     return True
 
 

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cxr_ray"
 # Lowest first. A module may import its own layer's and lower layers' modules; the groups of one
 # layer (tuples) are independent of each other: train, screen and serve never import one another.
 LAYERS: list[tuple[tuple[str, ...], ...]] = [
-    (("cxr_ray.errors", "cxr_ray.optional", "cxr_ray.ray_session", "cxr_ray"),),
+    (("cxr_ray.errors", "cxr_ray.optional", "cxr_ray.console", "cxr_ray.ray_session", "cxr_ray"),),
     (("cxr_ray.dicomnet.web",),),  # DICOMweb transport: what io reads dicomweb:// inputs with
     (("cxr_ray.io",),),
     (("cxr_ray.preprocess",),),
@@ -38,7 +38,7 @@ LAYERS: list[tuple[tuple[str, ...], ...]] = [
     (("cxr_ray.commands", "cxr_ray.cli", "cxr_ray.__main__"),),
 ]
 RAY_ALLOWED = ("cxr_ray.train", "cxr_ray.screen", "cxr_ray.serve", "cxr_ray.bench", "cxr_ray.commands",
-               "cxr_ray.ray_session", "cxr_ray.testing")
+               "cxr_ray.console", "cxr_ray.ray_session", "cxr_ray.testing")
 # Where an import of the package's own modules may sit inside a function, and why.
 LAZY_OWN_IMPORTS = {
     "cxr_ray.commands": "each verb imports its surface (torch, Ray) when it runs, so `cxr-ray --help` stays fast",

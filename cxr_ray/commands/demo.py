@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from cxr_ray.commands.options import add_shared
+from cxr_ray.console import is_verbose, ray_init_kwargs
 
 STAGES = 6
 
@@ -95,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     archive, model_dir, screen_dir = out / "archive", out / "model", out / "screen"
     began = time.perf_counter()
+    if not is_verbose():  # Serve's driver-side INFO lines: the demo's stage lines say the same, once
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if args.address:
-        ray.init(address=args.address)
+        ray.init(address=args.address, **ray_init_kwargs(local=False))
     else:  # embedded: a fresh local Ray, even if some other cluster runs on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **ray_init_kwargs(local=True))
 
     t = _stage(1, f"synth: {args.n} phantom chest X-rays (DICOM/PNG/JPEG, 5% corrupt) -> {archive}")
     labels = generate_archive(

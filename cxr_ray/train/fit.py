@@ -16,9 +16,17 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
+from cxr_ray.console import ray_train_log_level
 from cxr_ray.data.augment import AugmentConfig
 from cxr_ray.data.splits import class_weights
 from cxr_ray.errors import CxrRayError, UsageError
@@ -172,6 +180,7 @@ def fit(
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),  # type: ignore[call-arg]  # Train V2 RunConfig; mypy sees the ray.air one
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
