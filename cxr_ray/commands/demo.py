@@ -64,6 +64,8 @@ def _query_endpoint(model_dir: Path, image: Path, port: int) -> dict:
     from cxr_ray.serve.app import app_builder
     from cxr_ray.serve.config import ServeArgs
 
+    if not is_verbose():  # after importing ray.serve, which sets its logger up; the stage lines say it once
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_builder(ServeArgs(model=str(model_dir))), name="cxr-ray-demo", route_prefix="/")
@@ -97,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     archive, model_dir, screen_dir = out / "archive", out / "model", out / "screen"
     began = time.perf_counter()
-    if not is_verbose():  # Serve's driver-side INFO lines: the demo's stage lines say the same, once
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if args.address:
         ray.init(address=args.address, **ray_init_kwargs(local=False))
     else:  # embedded: a fresh local Ray, even if some other cluster runs on this machine
