@@ -7,8 +7,9 @@
 #    PNG masks, CSVs and other files are left out).
 # 2. Starts a throwaway Orthanc (Debian's `orthanc` + `orthanc-dicomweb`) in a temporary
 #    directory, HTTP and DICOM on free ports on 127.0.0.1, remote access off, and uploads
-#    the files through its REST API (POST /instances). Files Orthanc refuses are left out
-#    of both runs, so both screen the same instances.
+#    the files through its REST API (POST /instances). Files Orthanc refuses, and files
+#    whose SOP Instance UID an earlier file already had, are left out of both runs, so
+#    both screen the same instances.
 # 3. Runs `cxr-ray screen` twice with the same model and settings into fresh output
 #    folders: once from the local files (a manifest of the uploaded paths), once from
 #    dicomweb://127.0.0.1:PORT/dicom-web (QIDO-RS listing + WADO-RS retrieval).
@@ -49,6 +50,7 @@ cleanup() {
     if [[ ${KEEP:-0} == 1 ]]; then echo "kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 free_port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 http_port=$(free_port)
@@ -85,13 +87,16 @@ curl -sf -o /dev/null "$base/dicom-web/studies" || { echo "Orthanc did not answe
 echo path > "$work/files.csv"
 found=0 uploaded=0
 while IFS= read -r -d '' file; do
-    [[ $(dd if="$file" bs=1 skip=128 count=4 2> /dev/null) == DICM ]] || continue
+    [[ $(dd if="$file" bs=1 skip=128 count=4 2> /dev/null | tr -d '\0') == DICM ]] || continue
     found=$((found + 1))
-    if curl -sf -o /dev/null -X POST -H 'Expect:' --data-binary @"$file" "$base/instances"; then
-        uploaded=$((uploaded + 1))
-        "$python" -c 'import csv, os, sys; csv.writer(sys.stdout).writerow([os.path.abspath(sys.argv[1])])' "$file" >> "$work/files.csv"
-    else
+    if ! curl -sf -o "$work/upload.json" -X POST -H 'Expect:' --data-binary @"$file" "$base/instances"; then
         echo "Orthanc refused $file (left out of both runs)" >&2
+    elif grep -q AlreadyStored "$work/upload.json"; then
+        echo "$file has the SOP Instance UID of an earlier file (left out of both runs)" >&2
+    else
+        uploaded=$((uploaded + 1))
+        path=$(realpath "$file")
+        printf '"%s"\n' "${path//\"/\"\"}" >> "$work/files.csv"  # a CSV field, quotes doubled
     fi
 done < <(find "$@" -type f -print0 | sort -z)
 [[ $uploaded -gt 0 ]] || { echo "no DICOM file was stored (found $found)" >&2; exit 1; }
