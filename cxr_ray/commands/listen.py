@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
-import time
 
+from cxr_ray.commands.foreground import wait_until_stopped
 from cxr_ray.commands.options import add_shared
 from cxr_ray.engines.registry import BACKEND_NAMES
 from cxr_ray.errors import UsageError
@@ -59,14 +58,8 @@ def run(args: argparse.Namespace) -> int:
              else f"caller:{args.reply_port}")
     print(json.dumps({"listening": f"{args.host}:{args.port}", "ae_title": args.ae_title, "sr_to": sr_to}),
           flush=True)
-    # Ctrl-C, or SIGTERM from a process manager: both stop the server cleanly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        wait_until_stopped()
     finally:
         listener.stop()
         listener.screener.close()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import time
 
+from cxr_ray.commands.foreground import wait_until_stopped
 from cxr_ray.commands.options import add_shared
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
 from cxr_ray.errors import UsageError
@@ -155,16 +154,9 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{host}:{args.port}"
     print(json.dumps({"url": url, "docs": f"{url}/docs", "app": APP_NAME, "curl": curl_examples(url, args.api_key_env)}),
           flush=True)
-    # Ctrl-C, or SIGTERM from a process manager: both stop Serve and Ray cleanly.
-    # (SIGINT is re-armed because a shell may start background jobs with it ignored.)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
+        wait_until_stopped()
+    finally:  # also when the wait itself is interrupted: Serve and Ray stop cleanly
         serve.shutdown()
         ray.shutdown()
     return 0
