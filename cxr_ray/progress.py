@@ -69,6 +69,15 @@ def eta_seconds(done: int, total: int | None, per_s: float) -> float | None:
     return max(0, total - done) / per_s
 
 
+def epoch_eta(epoch: int, epochs: int, epoch_seconds: float) -> str:
+    """``ETA 4m10s`` for the epochs left at this epoch's pace (``done`` after the last one).
+
+    Early stopping can end a run sooner: the ETA is the longest it will take.
+    """
+    left = max(0, epochs - epoch)
+    return f"ETA {format_duration(left * epoch_seconds)}" if left else "done"
+
+
 def is_tty(stream: TextIO) -> bool:
     isatty = getattr(stream, "isatty", None)
     try:

@@ -14,6 +14,7 @@ from cxr_ray.progress import (
     ERASE_TO_END,
     RATE_WINDOW_S,
     ProgressLine,
+    epoch_eta,
     format_duration,
     format_rate,
     stage,
@@ -140,3 +141,8 @@ def test_screen_pass_reads_the_listing_total_when_it_appears_and_speaks_json_on_
     event = json.loads(events.getvalue())
     assert event["event"] == "progress" and event["pass"] == "isolate" and event["final"] is True
     assert (event["rows"], event["total"], event["ok"], event["flagged"]) == (5, 5, 5, 1)
+
+
+def test_training_epochs_get_an_eta_at_the_last_epochs_pace():
+    assert epoch_eta(2, 10, 15.0) == "ETA 2m00s"
+    assert epoch_eta(10, 10, 15.0) == "done"
