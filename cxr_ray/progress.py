@@ -134,6 +134,11 @@ class ProgressLine:
     def enabled(self) -> bool:
         return self.every_s > 0
 
+    def begin(self, text: str) -> None:
+        """A first line before any item is done (``LABEL: text``), so a slow start is not silent."""
+        if self.enabled:
+            self.writer.show(f"{self.label}: {text}")
+
     def update(self, done: int, *, total: int | None = None, counts: Mapping[str, int] | None = None) -> None:
         """Record progress; shows a line when the refresh interval has passed."""
         now = self._record(done, total, counts)

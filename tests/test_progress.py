@@ -126,17 +126,20 @@ def test_screen_pass_reads_the_listing_total_when_it_appears_and_speaks_json_on_
     clock, out = Clock(), io.StringIO()
     listing: list[int | None] = [None]
     progress = PassProgress(out, 1, "run-1", "screen", listing_total=lambda: listing[0], clock=clock)
+    progress.begin("starting")
     clock.now += 2
     progress.written(10, {"ok": 9, "error": 1, "skipped": 0, "flagged": 3})
     listing[0] = 30
     clock.now += 3
     progress.end(30, {"ok": 27, "error": 2, "skipped": 1, "flagged": 8})
-    first, last = out.getvalue().splitlines()
-    assert STILL_LISTING in first and "ETA" not in first
+    starting, first, last = out.getvalue().splitlines()
+    assert starting == "screen: starting"
+    assert STILL_LISTING in first and "ETA" not in first  # the first update is shown at once
     assert last == "screen: 30/30 images (100%) 6.0 images/s done in 5s | ok 27 error 2 skipped 1 flagged 8"
 
     events = io.StringIO()
     as_json = PassProgress(events, 1, "run-1", "isolate", listing_total=lambda: 5, json_lines=True)
+    as_json.begin("starting")  # prose: not for a collector
     as_json.end(5, {"ok": 5, "error": 0, "skipped": 0, "flagged": 1})
     event = json.loads(events.getvalue())
     assert event["event"] == "progress" and event["pass"] == "isolate" and event["final"] is True

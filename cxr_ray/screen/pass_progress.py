@@ -48,6 +48,10 @@ class PassProgress(ProgressLine):
         self.polled_at = now
         return self.listing_total()
 
+    def begin(self, text: str) -> None:
+        if not self.json_lines:  # a collector gets figures, not prose
+            super().begin(text)
+
     def written(self, rows: int, status: dict[str, int]) -> None:
         self.update(rows, total=self._listed(), counts=status)
 

@@ -251,6 +251,9 @@ def run_pass(name: str, config: ScreenConfig, shared: PassInputs, *, done_ref: A
     progress = PassProgress(shared.stream, config.progress_every_s, shared.run_id, name,
                             listing_total=lambda: _listed_to_screen(shared.layout, stats_name),
                             json_lines=config.progress_format == "json")
+    low, high = plan.actors
+    progress.begin(f"starting {low if low == high else f'{low}-{high}'} predict actors ({config.backend} backend) "
+                   "and listing the inputs")
     with (
         _data_context(max_errored_blocks=max_errored_blocks, target_max_block_size=TARGET_BLOCK_BYTES,
                       enable_progress_bars=is_verbose()),  # one progress line, ours (Ray Data's with --verbose)
