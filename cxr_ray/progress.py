@@ -210,10 +210,8 @@ class Stages:
         self.label, self.clock = label, clock
         self.writer = _Writer(stream, tty)
         self.started = self.clock()
-        self.count = 0
 
     def stage(self, message: str) -> None:
-        self.count += 1
         elapsed = format_duration(self.clock() - self.started)
         self.writer.show(f"{self.label}: {message}... ({elapsed} so far)")
 
