@@ -21,6 +21,7 @@ from cxr_ray.progress import (
     stages,
 )
 from cxr_ray.screen.pass_progress import STILL_LISTING, PassProgress
+from cxr_ray.train.loop import _progress_line
 
 
 class Clock:
@@ -149,3 +150,10 @@ def test_screen_pass_reads_the_listing_total_when_it_appears_and_speaks_json_on_
 def test_training_epochs_get_an_eta_at_the_last_epochs_pace():
     assert epoch_eta(2, 10, 15.0) == "ETA 2m00s"
     assert epoch_eta(10, 10, 15.0) == "done"
+
+
+def test_a_training_epoch_line_says_epoch_k_of_n_rate_and_eta():
+    """The line rank 0 prints after each epoch."""
+    row = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "lr": 1e-3, "seconds": 15.0, "images_per_s": 40.0}
+    line = _progress_line("fold 1/5", row, 10, is_better=False)
+    assert line.startswith("[fold 1/5] epoch 2/10 ") and "15.0s 40 img/s ETA 2m00s" in line
