@@ -21,8 +21,9 @@ A line reads, for example::
     screen: 120 images, total not known yet (still listing) 41.2 images/s | ok 118 ...
     screen: 500/500 images (100%) 40.7 images/s done in 12s | ok 480 error 20 ...
 
-The rate is over the last :data:`RATE_WINDOW_S` seconds (a run's start-up is not averaged into its
-ETA); the final line gives the whole run's average.
+The rate is over the last :data:`RATE_WINDOW_S` seconds, counted from the first items done: a run's
+start-up (actors loading a model, the listing's first page) is not averaged into its ETA, which is
+``?`` until a second update gives a rate. The final line gives the whole run's average.
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ class ProgressLine:
 
     def begin(self, text: str) -> None:
         """A first line before any item is done (``LABEL: text``), so a slow start is not silent."""
-        if self.enabled:
-            self.writer.show(f"{self.label}: {text}")
+        if self.enabled:  # a line of its own: start-up is when Ray's workers still speak on stderr
+            self.writer.show(f"{self.label}: {text}", final=True)
 
     def update(self, done: int, *, total: int | None = None, counts: Mapping[str, int] | None = None) -> None:
         """Record progress; shows a line when the refresh interval has passed."""
@@ -156,6 +157,8 @@ class ProgressLine:
             self.total = int(total)
         if counts is not None:
             self.counts = {k: int(v) for k, v in counts.items()}
+        if self.done and not self.recent[-1][1]:
+            self.recent.clear()  # the first items are done: start-up (loading, listing) is no part of the rate
         self.recent.append((now, self.done))
         while len(self.recent) > 2 and now - self.recent[1][0] >= RATE_WINDOW_S:
             self.recent.popleft()  # keep one point at or beyond the window's start

@@ -58,7 +58,7 @@ def test_plain_lines_carry_done_total_rate_eta_and_counts():
     line.finish()
     lines = out.getvalue().splitlines()
     assert lines == [
-        "screen: 20/100 images (20%) 4.0 images/s ETA 20s | ok 18 error 2",
+        "screen: 20/100 images (20%) ? images/s ETA ? | ok 18 error 2",  # the rate starts at the first items
         "screen: 60/100 images (60%) 4.0 images/s ETA 10s | ok 56 error 4",
         "screen: 100/100 images (100%) 5.0 images/s done in 20s | ok 95 error 5",
     ]
@@ -83,7 +83,9 @@ def test_an_unknown_total_is_said_with_no_eta():
     line = ProgressLine("screen", every_s=1, stream=out, tty=False, clock=clock, unknown_total="total not known yet")
     clock.now += 2
     line.update(8, counts={"ok": 8})
-    assert out.getvalue() == "screen: 8 images, total not known yet 4.0 images/s | ok 8\n"
+    clock.now += 2
+    line.update(16, counts={"ok": 16})
+    assert out.getvalue().splitlines()[-1] == "screen: 16 images, total not known yet 4.0 images/s | ok 16"
 
 
 def test_a_terminal_gets_one_line_rewritten_in_place():
@@ -157,3 +159,13 @@ def test_a_training_epoch_line_says_epoch_k_of_n_rate_and_eta():
     row = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "lr": 1e-3, "seconds": 15.0, "images_per_s": 40.0}
     line = _progress_line("fold 1/5", row, 10, is_better=False)
     assert line.startswith("[fold 1/5] epoch 2/10 ") and "15.0s 40 img/s ETA 2m00s" in line
+
+
+def test_start_up_before_the_first_items_is_not_in_the_rate():
+    clock = Clock()
+    line = ProgressLine("screen", total=100, every_s=0, clock=clock)
+    clock.now += 60  # actors loading: nothing done for a minute
+    line.update(10)
+    clock.now += 2
+    line.update(30)
+    assert line.rate() == pytest.approx(10.0) and "ETA 7s" in line.text()
