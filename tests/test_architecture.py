@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cxr_ray"
 # Lowest first. A module may import its own layer's and lower layers' modules; the groups of one
 # layer (tuples) are independent of each other: train, screen and serve never import one another.
 LAYERS: list[tuple[tuple[str, ...], ...]] = [
-    (("cxr_ray.errors", "cxr_ray.optional", "cxr_ray.console", "cxr_ray.ray_session", "cxr_ray"),),
+    (("cxr_ray.errors", "cxr_ray.optional", "cxr_ray.console", "cxr_ray.progress", "cxr_ray.ray_session", "cxr_ray"),),
     (("cxr_ray.dicomnet.web",),),  # DICOMweb transport: what io reads dicomweb:// inputs with
     (("cxr_ray.io",),),
     (("cxr_ray.preprocess",),),

@@ -37,8 +37,13 @@ def test_bench_decode_json_shape(tiny_archive, capsys):
         main(["bench", "decode", "--input", str(tiny_archive), "--size", "16", "--rounds", "1"])
         == 0
     )
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["bench"] == "decode" and result["size"] == 16
+    # stderr: one line per step as it starts (cxr_ray.progress), then how long the suite took
+    steps = [line for line in captured.err.splitlines() if line.startswith("bench decode: ")]
+    assert any(line.startswith("bench decode: round 1/1: ") for line in steps)
+    assert steps[-1].startswith("bench decode: done in ")
     assert "process_time" in result["clock"]
     assert set(result["formats"]) == {"dicom", "png", "jpeg"}
     for figures in [*result["formats"].values(), result["overall"]]:

@@ -139,3 +139,15 @@ def test_stale_or_unrecorded_onnx_is_refused(tmp_path):
 def test_dynamo_exporter(tmp_path):
     root = make_artifact(tmp_path / "m", "resnet50")
     assert export_onnx(root, exporter="dynamo")["max_abs_diff"] <= 1e-4
+
+
+def test_export_verb_names_each_step_on_stderr_and_keeps_stdout_json(tmp_path, capsys):
+    from cxr_ray.cli import main
+
+    root = make_artifact(tmp_path / "m", "resnet18")
+    assert main(["export", "--model", str(root), "--format", "onnx"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["format"] == "onnx"  # stdout: the record only
+    steps = [line.split(":", 1)[1].split("...")[0].strip() for line in err.splitlines() if line.startswith("export onnx:")]
+    assert steps[0].startswith("loading ") and steps[1].startswith("tracing resnet18 to ONNX (opset 17")
+    assert steps[2].startswith("verifying with ONNX Runtime") and steps[3].startswith("done in ")

@@ -8,6 +8,7 @@ crashes on one file, and stdout carrying nothing but the summary JSON.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import boto3
@@ -118,3 +119,25 @@ def test_crashing_workers_lose_nothing(artifact, tmp_path):
     # actor, so <= 4 files); the batch of the actor that died once was retried, not dropped.
     run = json.loads((out / "_runs" / f"{summary['run_id']}.json").read_text())
     assert 1 <= run["passes"][0]["missing"] <= 4 and run["passes"][1]["name"] == "isolate"
+
+
+PROGRESS_LINE = re.compile(
+    r"^screen: (\d+)/(\d+) images \(100%\) \S+ images/s done in \S+ \| ok (\d+) error (\d+) skipped (\d+) flagged (\d+)$")
+
+
+@pytest.mark.slow
+def test_stderr_ends_with_one_progress_line_whose_total_is_the_input_count(artifact, tmp_path):
+    """stderr is a pipe here, not a terminal: plain progress lines, the last one with the listing's total."""
+    labels = make_archive(tmp_path / "archive", n=12, corrupt_fraction=0.25, seed=4)
+    small = [a if a != "0" else "1" for a in SMALL_BATCHES]  # --progress-every 1: lines on
+    cmd = screen_cmd("--model", artifact, "--input", str(tmp_path / "archive" / "images"),
+                     "--output", str(tmp_path / "out"), "--rows-per-part", "4", *small)
+    summary, stderr = run_checked(cmd, env=subprocess_env(), timeout=300)
+    finals = [m for m in map(PROGRESS_LINE.match, stderr.splitlines()) if m]
+    assert len(finals) == 1, stderr[-3000:]
+    done, total, ok, error, skipped, flagged = map(int, finals[0].groups())
+    assert done == total == len(labels) == summary["rows"]
+    want = labels["expected_error"].where(labels["corrupt"], None).map(expected_status).value_counts()
+    assert (ok, error, skipped) == (want.get("ok", 0), want.get("error", 0), want.get("skipped", 0))
+    assert error + skipped > 0 and flagged == summary["flagged"]
+    assert "\r" not in stderr  # not a terminal: lines, no carriage returns

@@ -53,6 +53,7 @@ from cxr_ray.engines.torch.runtime import TorchBackend
 from cxr_ray.errors import UsageError
 from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.models.card import ModelCard
+from cxr_ray.progress import stage
 
 BASELINE = "torch-eager-nchw-fp32"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
@@ -208,6 +209,7 @@ def _load_backends(chosen: list[Candidate], ctx: BenchContext, skipped: list[dic
     backends = {}
     for cand in chosen:
         try:
+            stage(f"loading {cand.name}")
             backends[cand.name] = cand.make(ctx)
         except Exception as exc:  # report, keep measuring the others
             if cand.name == BASELINE:
@@ -226,8 +228,10 @@ def _measure(backends: dict[str, Any], exact: dict[str, bool], batch_sizes: list
         reference = backends[BASELINE].predict(batch)
         times: dict[str, list[float]] = {name: [] for name in backends}
         per_round = timing["seconds"] / timing["rounds"]
-        for _ in range(timing["rounds"]):
+        for index in range(timing["rounds"]):
             for name, backend in backends.items():
+                stage(f"timing {name} at batch {size}: round {index + 1}/{timing['rounds']}, "
+                      f"batch size {batch_sizes.index(size) + 1}/{len(batch_sizes)}")
                 times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=timing["warmup_s"],
                                              min_iters=timing["min_iters"])
         base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])

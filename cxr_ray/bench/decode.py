@@ -38,6 +38,7 @@ from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image, sniff_format
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.preprocess import resize_square
+from cxr_ray.progress import stage
 
 FORMATS = ("dicom", "png", "jpeg")
 _DEFAULT = DecodePolicy()
@@ -210,8 +211,9 @@ def bench_decode(
     baselines = {fmt: _baseline(fmt, size) for fmt in FORMATS}
     batches, excluded = _usable(files, ours, baselines)
     best: dict[tuple[str, str], float] = {}
-    for _ in range(rounds):
+    for index in range(rounds):
         for fmt, batch in batches.items():
+            stage(f"round {index + 1}/{rounds}: {len(batch)} {fmt} files, ours and the baseline")
             for label, function in (("ours", ours), ("baseline", baselines[fmt])):
                 seconds = _cpu_seconds(function, batch)
                 key = (fmt, label)
@@ -219,6 +221,8 @@ def bench_decode(
 
     per_format = {fmt: _format_figures(batch, best[(fmt, "ours")], best[(fmt, "baseline")])
                   for fmt, batch in batches.items()}
+    stage("the decode deadline's cost on the same files")
+    deadline = _deadline_cost(batches, size, rounds)
     total_files = sum(len(batch) for batch in batches.values())
     ours_total = sum(best[(fmt, "ours")] for fmt in batches)
     base_total = sum(best[(fmt, "baseline")] for fmt in batches)
@@ -240,7 +244,7 @@ def bench_decode(
             "baseline_files_per_s": round(_rate(total_files, base_total), 2),
             "ratio": round(base_total / ours_total, 3) if ours_total > 0 else None,
         },
-        "deadline": _deadline_cost(batches, size, rounds),
+        "deadline": deadline,
         "excluded": excluded,
         "skipped_not_images": skipped,
         "environment": _environment(),

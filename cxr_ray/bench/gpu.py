@@ -42,6 +42,7 @@ from cxr_ray.errors import UsageError
 from cxr_ray.io.gpu.mode import nvimgcodec_available
 from cxr_ray.models.artifact import load_card
 from cxr_ray.optional import available
+from cxr_ray.progress import stage
 
 SCHEMA_VERSION = 1
 DEFAULT_BATCH_SIZES = "1,32,128,256"
@@ -142,6 +143,7 @@ def _decode_sets(args: argparse.Namespace) -> tuple[dict[str, tuple[list[bytes],
 def _section(report: dict[str, Any], key: str, compute: Any, saved: Any = None) -> Any:
     """``report[key] = compute()``; a failure is recorded there (the one JSON document still comes out).
     ``saved``: called after each section, so a run stopped by its time limit keeps what it measured."""
+    stage(f"measuring {key}")
     try:
         report[key] = compute()
     except Exception as exc:  # noqa: BLE001 - a broken section must not cost the others' figures

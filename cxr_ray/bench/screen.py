@@ -51,6 +51,7 @@ from cxr_ray.engines.preflight import check_engine
 from cxr_ray.errors import UsageError
 from cxr_ray.io.storage import expand_inputs
 from cxr_ray.models.artifact import load_card
+from cxr_ray.progress import stage
 from cxr_ray.screen.stages import decode_batch
 
 
@@ -221,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             "load_average_before": [round(x, 2) for x in os.getloadavg()],
         }
         if args.memory_check:
+            stage("memory check: screening a tiny archive while sampling memory")
             report["memory"] = memory_check(args, artifact, work, n_cores)
             report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             print(json.dumps(report, indent=2))
@@ -231,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
         manifest = _write_manifest(paths, work / "inputs.csv")
         report["inputs"] = len(paths)
 
+        stage(f"decode cost on {min(len(paths), args.decode_sample)} of {len(paths)} inputs")
         decode = decode_cost(paths[: args.decode_sample], dict(card.preprocessing))
+        stage(f"backend costs: {args.backend_batches} batches of {args.batch_size} per backend")
         backends = backend_costs(
             artifact, card.image_size, args.batch_size, args.backend_batches, args.precision
         )
@@ -247,10 +251,12 @@ def run(args: argparse.Namespace) -> int:
             bound_images_per_s=bound,
         )
 
+        stage(f"screening job on Ray Data: {len(paths)} inputs")
         with ready_ray(n_cores):
             report["ray_job"] = ray_job(job_config(args, artifact, manifest, str(work / "out")))
         if not args.skip_baseline:
             torch.set_num_threads(default_threads)  # backend_costs pinned this process to 1 thread
+            stage(f"plain PyTorch DataLoader baseline: {len(paths)} inputs")
             report["baseline"] = plain_pytorch(artifact, paths, args.batch_size, n_cores)
         job_rate = report["ray_job"]["images_per_s"]
         report["ratios"] = {"ray_job_vs_bound": job_rate / bound}

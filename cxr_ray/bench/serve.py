@@ -47,6 +47,7 @@ from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image
 from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import preprocess
+from cxr_ray.progress import stage
 from cxr_ray.serve.app import app_builder
 from cxr_ray.serve.config import DeploymentArgs, ServeArgs
 
@@ -286,6 +287,7 @@ def bench_serve(
 ) -> dict:
     """The whole benchmark (Ray must be initialised); returns the JSON document."""
     clock = time.perf_counter()
+    stage("decode and model timings in this process")
     local = local_timings(model, image, backend=backend, threads=threads, precision=precision,
                           max_batch_size=max_batch_size)
     wall = {"local_timings": round(time.perf_counter() - clock, 1)}
@@ -297,6 +299,7 @@ def bench_serve(
     # Both apps start together (replica start-up is most of the wall time), then are
     # measured one after the other; the idle one costs memory, not CPU.
     clock = time.perf_counter()
+    stage("deploying the batched and unbatched apps on Ray Serve")
     serve.run_many(list(targets.values()))
     modes = {}
     try:
@@ -305,6 +308,7 @@ def bench_serve(
             _wait_healthy(base)
             wall.setdefault("deploy", round(time.perf_counter() - clock, 1))
             clock = time.perf_counter()
+            stage(f"{mode}: {requests} requests at concurrency {', '.join(map(str, concurrency))}")
             modes[mode] = bench_mode(f"{base}/v1/predict", image, requests=requests, concurrency=concurrency)
             wall[f"measure_{mode}"] = round(time.perf_counter() - clock, 1)
     finally:

@@ -47,6 +47,7 @@ from cxr_ray.errors import UsageError
 from cxr_ray.models.build import build_model
 from cxr_ray.models.registry import get_arch
 from cxr_ray.preprocess import PreprocessConfig
+from cxr_ray.progress import stage
 from cxr_ray.ray_session import connect, quiet_ray_data
 from cxr_ray.synth import generate_archive
 from cxr_ray.train.steps import amp_settings, train_one_epoch
@@ -247,8 +248,11 @@ def bench_train(
     # Train, no Ray Data inside it. (In the driver, OpenMP threads can behave very differently.)
     plain = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(_plain_loop)  # type: ignore[arg-type]
     x_ref, y_ref = ray.put(x), ray.put(y)
+    stage(f"plain PyTorch loop ({steps} steps of {batch_size}), before")
     plain_before = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))  # type: ignore[call-arg]
+    stage(f"Ray Train loop ({steps} steps of {batch_size} x {num_workers} workers)")
     ray_train = _ray_loop(arch, x, y, num_workers=num_workers, use_gpu=use_gpu, cpus=cpus, **common)
+    stage(f"plain PyTorch loop ({steps} steps of {batch_size}), after")
     plain_after = ray.get(plain.remote(arch, x_ref, y_ref, use_gpu=use_gpu, threads=threads, **common))  # type: ignore[call-arg]
     plain_rate = (plain_before["images_per_s"] + plain_after["images_per_s"]) / 2
     return {

@@ -61,5 +61,8 @@ def parse_suite(name: str, argv: list[str]) -> tuple[ModuleType, argparse.Namesp
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxr_ray.progress import stages
+
     module, suite_args = parse_suite(args.suite, list(args.suite_args))
-    return int(module.run(suite_args) or 0)
+    with stages(f"bench {args.suite}"):  # the suite's steps on stderr as they start (stage() calls)
+        return int(module.run(suite_args) or 0)

@@ -1,7 +1,8 @@
 """``cxr-ray export``: write a verified ONNX graph or TensorRT engine into a model artifact.
 
 Prints one JSON object: the record stored in ``model.json`` (file, sha256,
-max abs difference vs PyTorch, ...). ``--format tensorrt`` builds for the GPU
+max abs difference vs PyTorch, ...); each step (tracing, verifying, building)
+shows on stderr as it starts. ``--format tensorrt`` builds for the GPU
 it runs on and stores the plan under ``engines/`` keyed by compute capability,
 TensorRT version, precision, batch profile and image size.
 """
@@ -55,6 +56,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxr_ray.progress import stages
+
+    with stages(f"export {args.format}"):  # each step on stderr as it starts: tracing, verifying, building
+        result = _export(args)
+    print(json.dumps({"format": args.format, **result}, indent=2, sort_keys=True))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> dict:
     from cxr_ray.errors import UsageError
 
     if args.format == "onnx":
@@ -87,5 +97,4 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             s3_endpoint=args.s3_endpoint,
         )
-    print(json.dumps({"format": args.format, **result}, indent=2, sort_keys=True))
-    return 0
+    return result

@@ -19,6 +19,7 @@ from cxr_ray.models.registry import EXPLAIN_METHODS, explain_methods_help
 
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 HEATMAP_MODES = ("none", "flagged")
+PROGRESS_FORMATS = ("line", "json")
 # Logical CPUs per predict actor and per decode task when the flags leave them out
 # (see plan_layout for why a CPU-only cluster asks for a quarter CPU each).
 GPU_ACTOR_CPUS = 1.0
@@ -102,7 +103,11 @@ class ScreenConfig:
         "retries of a batch whose worker died before its files get 'worker_crashed' rows",
         flag="--max-retries", metavar="N"))
     progress_every_s: float = field(default=15.0, metadata=_flag(
-        "seconds between progress lines on stderr (0: off)", flag="--progress-every", metavar="S"))
+        "seconds between progress lines on stderr when it is not a terminal (a terminal gets one line "
+        "updated in place; 0: off)", flag="--progress-every", metavar="S"))
+    progress_format: str = field(default="line", metadata=_flag(
+        "line: done/total, images/s, ETA and status counts for a person; json: the same as one JSON "
+        "object per line (event 'progress') for a log collector", choices=PROGRESS_FORMATS))
     policy: DecodePolicy = field(default_factory=DecodePolicy)
     heatmaps: str = field(default="none", metadata=_flag(
         "flagged: write a heatmap overlay PNG (+ raw .npy) per flagged row under OUTPUT/_heatmaps/, its path "
@@ -133,5 +138,7 @@ class ScreenConfig:
         if self.max_file_bytes is not None and self.max_file_bytes <= 0:
             raise UsageError(f"max_file_bytes must be > 0, got {self.max_file_bytes}")
         check_heatmap_mode(self.heatmaps)
+        if self.progress_format not in PROGRESS_FORMATS:
+            raise UsageError(f"progress_format must be one of {', '.join(PROGRESS_FORMATS)}, got {self.progress_format!r}")
         check_precision(self.precision)
         check_decode_mode(self.decode)

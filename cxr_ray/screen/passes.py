@@ -10,13 +10,12 @@
      [-> dicom results     only with --dicom-results: tasks, a Comprehensive SR per ok DICOM row]
      [-> HeatmapWriter     only with heatmaps="flagged": actor pool, overlay PNG per flagged row]
       -> write_batch       one atomic, content-addressed Parquet part per ``rows_per_part`` rows
-      -> driver            counts the parts' stats rows, prints progress
+      -> driver            counts the parts' stats rows, shows progress (:mod:`~cxr_ray.screen.pass_progress`)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import warnings
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data import DataContext
 
+from cxr_ray.console import is_verbose
 from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import CxrRayError
 from cxr_ray.models.card import ModelCard
@@ -37,6 +37,7 @@ from cxr_ray.screen.dicom_results import write_dicom_results
 from cxr_ray.screen.heatmaps import HeatmapWriter, stage_arguments
 from cxr_ray.screen.inputs import InputListing, listing_stats_name
 from cxr_ray.screen.output import RUNS_DIR, OutputLayout
+from cxr_ray.screen.pass_progress import PassProgress
 from cxr_ray.screen.resources import Layout, plan_layout
 from cxr_ray.screen.stages import Predictor, decode_batch, write_batch
 
@@ -138,32 +139,6 @@ class PassResult:
         return max(0, self.to_screen - self.written)
 
 
-class _Progress:
-    """A periodic JSON line on stderr (next to Ray Data's own progress bars)."""
-
-    def __init__(self, stream: TextIO, every_s: float, run_id: str, pass_name: str) -> None:
-        self.stream, self.every_s, self.run_id, self.pass_name = stream, every_s, run_id, pass_name
-        self.started = self.last = time.time()
-
-    def maybe(self, result: PassResult, force: bool = False) -> None:
-        now = time.time()
-        if not force and (self.every_s <= 0 or now - self.last < self.every_s):
-            return
-        self.last = now
-        elapsed = max(now - self.started, 1e-9)
-        line = {
-            "event": "progress",
-            "run_id": self.run_id,
-            "pass": self.pass_name,
-            "rows": result.written,
-            "parts": result.parts,
-            **result.status,
-            "images_per_s": round(result.written / elapsed, 2),
-            "elapsed_s": round(elapsed, 1),
-        }
-        print(json.dumps(line), file=self.stream, flush=True)
-
-
 @dataclass(frozen=True)
 class PassInputs:
     """What every pass of one run shares."""
@@ -240,7 +215,7 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
     )
 
 
-def _drain(ds: ray.data.Dataset, result: PassResult, progress: _Progress) -> None:
+def _drain(ds: ray.data.Dataset, result: PassResult, progress: PassProgress) -> None:
     """Run the pass, counting the parts' stats rows as they come back."""
     counts = {"ok": 0, "error": 0, "skipped": 0, "flagged": 0}
     first_at = first_rows = None
@@ -252,12 +227,18 @@ def _drain(ds: ray.data.Dataset, result: PassResult, progress: _Progress) -> Non
         if result.backend is None and "backend" in batch.column_names and len(batch):  # type: ignore[union-attr]
             result.backend = batch.column("backend")[0].as_py()  # type: ignore[union-attr]
         result.status = dict(counts)
-        progress.maybe(result)
+        progress.written(result.written, result.status)
         now = time.time()
         if first_at is None or first_rows is None:
             first_at, first_rows = now, result.written
         elif now - first_at >= 1.0 and result.parts >= 3:  # too few parts say nothing about a rate
             result.steady_images_per_s = round((result.written - first_rows) / (now - first_at), 3)
+
+
+def _listed_to_screen(layout: OutputLayout, stats_name: str) -> int | None:
+    """The listing's ``to_screen`` count, once its task has written it (None before)."""
+    stats = layout.read_json(stats_name)
+    return None if stats is None else int(stats.get("to_screen", 0))
 
 
 def run_pass(name: str, config: ScreenConfig, shared: PassInputs, *, done_ref: Any,
@@ -267,15 +248,21 @@ def run_pass(name: str, config: ScreenConfig, shared: PassInputs, *, done_ref: A
     stats_name = f"{RUNS_DIR}/{listing_stats_name(shared.run_id, name)}"
     result = PassResult(name=name)
     started = time.time()
-    progress = _Progress(shared.stream, config.progress_every_s, shared.run_id, name)
+    progress = PassProgress(shared.stream, config.progress_every_s, shared.run_id, name,
+                            listing_total=lambda: _listed_to_screen(shared.layout, stats_name),
+                            json_lines=config.progress_format == "json")
+    low, high = plan.actors
+    progress.begin(f"starting {low if low == high else f'{low}-{high}'} predict actors ({config.backend} backend) "
+                   "and listing the inputs")
     with (
-        _data_context(max_errored_blocks=max_errored_blocks, target_max_block_size=TARGET_BLOCK_BYTES),
+        _data_context(max_errored_blocks=max_errored_blocks, target_max_block_size=TARGET_BLOCK_BYTES,
+                      enable_progress_bars=is_verbose()),  # one progress line, ours (Ray Data's with --verbose)
         _quiet_ray_data_warnings(),
     ):
         ds = _pipeline(name, config, shared, plan, done_ref, shared.layout.uri_of(*stats_name.split("/")))
         _drain(ds, result, progress)
     result.seconds = time.time() - started
-    progress.maybe(result, force=True)
+    progress.end(result.written, result.status)
     stats = shared.layout.read_json(stats_name)
     if stats is None:
         raise CxrRayError(

@@ -30,6 +30,7 @@ from torch import nn
 from cxr_ray.data.augment import AugmentConfig, RadiographAugment
 from cxr_ray.models.build import build_model
 from cxr_ray.models.transfer import configure_mode, set_train_mode
+from cxr_ray.progress import epoch_eta
 from cxr_ray.train.config import MONITORS
 from cxr_ray.train.epoch_state import EpochState, improved
 from cxr_ray.train.plan import WorkerPlan
@@ -211,6 +212,7 @@ def _progress_line(label: str, row: dict[str, Any], epochs: int, is_better: bool
             parts.append(f"{short}={row[key]:.4f}")
     parts.append(f"lr={row['lr']:.2e}")
     parts.append(f"{row['seconds']:.1f}s {row['images_per_s']:.0f} img/s")
+    parts.append(epoch_eta(row["epoch"], epochs, row["seconds"]))
     if is_better and "val_loss" in row:
         parts.append("*")
     return " ".join(parts)

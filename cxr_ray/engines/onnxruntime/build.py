@@ -57,6 +57,7 @@ from cxr_ray.models.artifact import (
 )
 from cxr_ray.models.card import ModelCard, OnnxRecord
 from cxr_ray.optional import ONNXSCRIPT_HINT, require
+from cxr_ray.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,10 @@ def _export_verified(
     model: nn.Module, card: ModelCard, tmp: Path, *, opset: int, exporter: str, verify: bool, atol: float, where: Path
 ) -> OnnxRecord:
     """Export to ``tmp``, compare with PyTorch (unless ``verify`` is off) and return the card's record."""
+    stage(f"tracing {card.arch} to ONNX (opset {opset}, {exporter} exporter)")
     export_model(model, card.image_size, tmp, opset=opset, exporter=exporter)
+    if verify:
+        stage(f"verifying with ONNX Runtime against PyTorch on batches of {list(VERIFY_BATCH_SIZES)}")
     diff = verify_onnx(model, tmp, card.image_size) if verify else None
     if diff is not None:
         log.info("ONNX export of %s: max abs diff vs PyTorch %.3g", card.name, diff)
@@ -257,6 +261,7 @@ def export_onnx(
     ``path``.
     """
     root = local_artifact(artifact_dir)
+    stage(f"loading {root}")
     model, card = load_model(str(root))
     tmp = root / f".{ONNX_FILE}.tmp-{os.getpid()}"
     try:

@@ -58,6 +58,7 @@ from cxr_ray.engines.tensorrt.runtime import (
 from cxr_ray.errors import ArtifactError, UsageError
 from cxr_ray.models.artifact import ENGINES_DIR, load_card, load_model, sha256_file
 from cxr_ray.models.card import EngineRecord, ModelCard
+from cxr_ray.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def _build_checked(
     cache = root / ENGINES_DIR / f"{key}.calib"
     images, calibration_info = None, None
     if build.precision == "int8" and build.calibration is not None:
+        stage(f"reading up to {build.calibration_limit} calibration images from {build.calibration}")
         images, calibration_info = load_calibration_images(
             build.calibration, card, limit=build.calibration_limit, s3_endpoint=build.s3_endpoint
         )
@@ -220,11 +222,13 @@ def _build_checked(
             f"no int8 engine {key} and no calibration cache: build one with "
             "`cxr-ray export --format tensorrt --precision int8 --calibration MANIFEST`"
         )
+    stage(f"building the TensorRT {build.precision} plan {key} (minutes)")
     meta = build_engine(onnx_path, plan_path, image_size=card.image_size, build=build, calibration_images=images,
                         calibration_cache=cache if build.precision == "int8" else None)
     if calibration_info is not None:
         meta["calibration"] = calibration_info
     if build.verify:
+        stage(f"verifying the engine against PyTorch on batches of {list(VERIFY_BATCH_SIZES)}")
         model, _ = load_model(str(root))
         diff = verify_engine(plan_path.read_bytes(), model, card, device=build.device, precision=build.precision)
         log.info("TensorRT %s engine %s: max abs diff vs PyTorch %.3g", build.precision, key, diff)
