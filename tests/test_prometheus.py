@@ -1,65 +1,22 @@
-"""The cxr_ray_* series on a real scrape of Ray's Prometheus endpoint, after real work.
+"""The cxr_ray_* series on a real scrape of Ray's Prometheus endpoint, after real work
+(a request to a real Serve app, a small screening run; scraping in ``_prometheus``).
 
-The session's local Ray runs a metrics agent on its node, which serves every worker's
-``ray.util.metrics`` / ``ray.serve.metrics`` series at ``http://<node>:<MetricsExportPort>/metrics``
-(the port is random unless ``--metrics-export-port`` / ``_metrics_export_port`` sets it;
-``ray.nodes()`` says which). Workers report to the agent every few seconds, so each check
-polls the scrape with a bounded wait. Counters are cumulative over the session (other
-tests may screen or serve too), so the checks are lower bounds from what this test did.
+Counters are cumulative over the session (other tests may screen or serve too), so the
+checks are lower bounds from what each test did, filtered by its app where Serve tags it.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Callable
-
 import httpx
 import pytest
+from _prometheus import Samples, metrics_url, total, wait_for_scrape
 from _screen_testing import make_archive, read_rows, screen_config
 from _screen_testing import make_artifact as make_screen_artifact
 from _serve_testing import deploy, make_artifact
-from prometheus_client.parser import text_string_to_metric_families
 
 from cxr_ray.serve.config import DeploymentArgs, ServeArgs
 
-SCRAPE_WAIT_S = 120  # generous: the agent's export interval is seconds, and this machine's CPUs are shared
 APP = "test-prometheus"
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def _metrics_url(ray) -> str:
-    node = next(n for n in ray.nodes() if n["Alive"])
-    return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of the scrape, by sample name (``..._total``, ``..._bucket``, ``..._count``...)."""
-    text = httpx.get(url, timeout=10).text
-    out: Samples = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[sample.name].append((dict(sample.labels), sample.value))
-    return out
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of ``name``'s samples whose labels include ``labels``."""
-    return sum(v for tags, v in samples.get(name, []) if all(tags.get(k) == want for k, want in labels.items()))
-
-
-def wait_for_scrape(url: str, ready: Callable[[Samples], bool]) -> Samples:
-    """Scrape until ``ready`` holds (returns that scrape) or SCRAPE_WAIT_S passes (fails with the cxr series seen)."""
-    deadline = time.monotonic() + SCRAPE_WAIT_S
-    while True:
-        samples = scrape(url)
-        if ready(samples):
-            return samples
-        if time.monotonic() > deadline:
-            seen = {name: tags for name, tags in samples.items() if "cxr_ray" in name}
-            pytest.fail(f"series not on the scrape after {SCRAPE_WAIT_S}s; cxr_ray samples seen: {seen}")
-        time.sleep(1.0)
 
 
 # ------------------------------------------------------------------ serve
@@ -97,7 +54,7 @@ def test_serve_series_on_the_scrape(ray_cluster, server, real_data_dir):
             and total(s, "ray_cxr_ray_serve_batch_size_count", **mine) >= 1
         )
 
-    samples = wait_for_scrape(_metrics_url(ray_cluster), ready)
+    samples = wait_for_scrape(metrics_url(ray_cluster), ready)
     assert total(samples, "ray_cxr_ray_serve_request_latency_ms_count", **mine) >= 2
     assert total(samples, "ray_cxr_ray_serve_decode_ms_count", **mine) >= 1  # the 415 never reached decoding
     # One request, one image: the batch-size histogram puts it in the first bucket.
@@ -136,7 +93,7 @@ def test_screening_series_on_the_scrape(ray_cluster, tmp_path):
             and total(s, "ray_cxr_ray_screen_stage_rows_total", stage="write") >= len(rows)
         )
 
-    samples = wait_for_scrape(_metrics_url(ray_cluster), ready)
+    samples = wait_for_scrape(metrics_url(ray_cluster), ready)
     assert total(samples, "ray_cxr_ray_screen_rows_total", status="ok", error_code="none") >= by_status["ok"]
     if flagged:
         assert total(samples, "ray_cxr_ray_screen_flagged_total") >= flagged
