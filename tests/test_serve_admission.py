@@ -60,3 +60,25 @@ def test_unbounded_queue_and_bad_limits():
     assert asyncio.run(scenario()) == 10
     with pytest.raises(ValueError):
         ModelAdmission(running=0, queued=1)
+
+
+def test_waiting_count_is_reported_as_it_changes():
+    """What the ``cxr_ray_serve_queue_depth{queue="admission"}`` gauge is set from."""
+
+    async def scenario() -> list[int]:
+        seen: list[int] = []
+        gate = ModelAdmission(running=1, queued=-1, on_waiting=seen.append)
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with gate.admit():
+                await release.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert seen == [1, 2]  # one running, two waiting
+        release.set()
+        await asyncio.gather(*tasks)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 2, 1, 0]

@@ -6,6 +6,7 @@ predictor admits ONE request at a time (``max_ongoing_requests=1``) and holds it
 for ``batch_wait_timeout_s=3`` waiting for a second batch member that can never
 be admitted (``max_batch_size=2``); one more request may queue
 (``max_queued_requests=1``); the next one must get 503 at once.
+The 503s are then found on a real scrape of Ray's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from _prometheus import metrics_url, total, wait_for_scrape
 from _serve_testing import deploy, make_artifact
 
 from cxr_ray.serve.config import DeploymentArgs, ServeArgs
@@ -69,7 +71,7 @@ def test_api_key_is_required_and_compared(server, png):
     assert ok.json()["batch_size"] == 1
 
 
-def test_overload_answers_503_json_at_once(server, png):
+def test_overload_answers_503_json_at_once(ray_cluster, server, png):
     headers = {"Content-Type": "image/png", "X-API-Key": KEY}
 
     async def scenario():
@@ -95,3 +97,14 @@ def test_overload_answers_503_json_at_once(server, png):
     assert rejected.elapsed.total_seconds() < HOLD_S  # refused at once, not after queueing
     assert results[0].status_code == 200
     assert {r.status_code for r in results} <= {200, 503}
+    # ... and is counted on a real scrape of Ray's Prometheus endpoint (README "Metrics").
+    mine = {"application": APP}
+    samples = wait_for_scrape(metrics_url(ray_cluster), lambda s: (
+        total(s, "ray_cxr_ray_serve_overloaded_total", reason="ModelBusyError", **mine) >= 1  # fused: admission
+        and total(s, "ray_cxr_ray_serve_requests_total", route=f"{PREFIX}/v1/predict", status="503",
+                  error_code="overloaded", **mine) >= 1
+    ))
+    # Requests waited for the model slot: the admission gauge exists for this app.
+    assert any(tags.get("queue") == "admission" and tags.get("application") == APP
+               for tags, _ in samples["ray_cxr_ray_serve_queue_depth"])
+

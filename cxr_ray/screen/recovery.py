@@ -18,6 +18,7 @@ from cxr_ray.io.storage import expand_inputs
 from cxr_ray.models.card import ModelCard
 from cxr_ray.screen.config import ScreenConfig
 from cxr_ray.screen.inputs import DoneSet, path_digests
+from cxr_ray.screen.metrics import record_written
 from cxr_ray.screen.output import OutputLayout
 from cxr_ray.screen.schema import STATUS_ERROR, WORKER_CRASHED, output_schema
 
@@ -49,7 +50,9 @@ def write_crashed_rows(
         columns["run_id"] = pa.array([run_id] * n, pa.string())
         columns["screened_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
         columns["warnings"] = pa.array([[] for _ in range(n)], pa.list_(pa.string()))
-        layout.write_part(pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema).sort_by("path"))
+        table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema).sort_by("path")
+        layout.write_part(table)
+        record_written(table)  # counted like the stages' parts (from the driver, which is a Ray worker too)
         written += n
         pending.clear()
 

@@ -16,6 +16,7 @@ Ray Data calls them; tests call them directly on tiny tables.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +35,7 @@ from cxr_ray.io.types import DecodePolicy
 from cxr_ray.models.artifact import load_card
 from cxr_ray.preprocess import PreprocessConfig, preprocess
 from cxr_ray.screen.device_decode import decode_on_device
+from cxr_ray.screen.metrics import record_stage, record_written, timed_stage
 from cxr_ray.screen.output import OutputLayout
 from cxr_ray.screen.schema import (
     HEATMAP_PATH,
@@ -94,6 +96,7 @@ def decode_batch(
                         "s3_endpoint": s3_endpoint, "max_bytes": max_bytes, "dicomweb_auth": dicomweb_auth})
     crash_on = os.environ.get(CRASH_ON_ENV)
     paths = table.column("path").to_pylist()
+    start = time.perf_counter()
     columns: dict[str, list] = {name: [] for name in META_COLUMNS}
     pixels = np.zeros((len(paths), size * size), dtype=np.float32)
     for i, path in enumerate(paths):
@@ -120,6 +123,7 @@ def decode_batch(
         row["status"] = status_for(row["error_code"])
         for key in META_COLUMNS:
             columns[key].append(row[key])
+    record_stage("decode", len(paths), time.perf_counter() - start)
     schema = decoded_schema(size)
     arrays = [pa.array(columns[f.name], type=f.type) for f in schema if f.name in columns]
     arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), size * size))
@@ -211,7 +215,8 @@ class Predictor:
         probs = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         ok = np.flatnonzero(np.asarray(status, dtype=object) == STATUS_OK)
         if len(ok):
-            ok_probs, failures = self.predict_rows(images(ok))
+            with timed_stage("predict", len(ok)):
+                ok_probs, failures = self.predict_rows(images(ok))
             for j, i in enumerate(ok):
                 if failures[j] is None:
                     probs[i] = ok_probs[j]
@@ -223,7 +228,8 @@ class Predictor:
         """The decode-stage table and how to get the model inputs of some of its rows."""
         if self.gpu_decoder is not None:
             assert self.decode is not None
-            table, on_device = decode_on_device(table, self.gpu_decoder, self.decode["preprocessing"])
+            with timed_stage("decode", len(table)):
+                table, on_device = decode_on_device(table, self.gpu_decoder, self.decode["preprocessing"])
             return table, lambda rows: on_device[torch.from_numpy(rows).to(on_device.device)]
         if self.decode is not None:
             table = decode_batch(table, **self.decode)
@@ -275,7 +281,9 @@ def write_batch(table: pa.Table, *, output: str, s3_endpoint: str | None = None)
     """Write one part (sorted by path, atomically, content-addressed); return its stats row."""
 
     table = table.sort_by("path")
-    name = OutputLayout(output, s3_endpoint).write_part(table)
+    with timed_stage("write", len(table)):
+        name = OutputLayout(output, s3_endpoint).write_part(table)
+    record_written(table)
     status = table.column("status").to_numpy(zero_copy_only=False)
     flagged = table.column("flagged").fill_null(False).to_numpy(zero_copy_only=False)
     return pa.table(

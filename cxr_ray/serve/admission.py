@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 class ModelBusyError(Exception):
@@ -23,12 +23,14 @@ class ModelBusyError(Exception):
 class ModelAdmission:
     """``running`` requests at the model at once, ``queued`` more waiting (-1: no bound)."""
 
-    def __init__(self, running: int, queued: int) -> None:
+    def __init__(self, running: int, queued: int, on_waiting: Callable[[int], None] | None = None) -> None:
+        """``on_waiting(n)``: told the number of waiting requests whenever it changes (a metrics gauge)."""
         if running < 1:
             raise ValueError(f"running must be >= 1, got {running}")
         self.running, self.queued_limit = running, queued
         self._slots: asyncio.Semaphore | None = None  # made in the replica's event loop
         self.waiting = 0
+        self._on_waiting = on_waiting or (lambda n: None)
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
@@ -38,10 +40,12 @@ class ModelAdmission:
             if self.queued_limit != -1 and self.waiting >= self.queued_limit:
                 raise ModelBusyError(f"{self.running} running and {self.waiting} queued at the model")
             self.waiting += 1
+            self._on_waiting(self.waiting)
             try:
                 await self._slots.acquire()
             finally:
                 self.waiting -= 1
+                self._on_waiting(self.waiting)
         else:
             await self._slots.acquire()
         try:

@@ -56,6 +56,7 @@ from cxr_ray.serve.http import (
     image_bytes,
     request_id_of,
 )
+from cxr_ray.serve.metrics import serve_metrics
 from cxr_ray.serve.predictor import CxrPredictor
 from cxr_ray.serve.report import DICOM_TYPE, SR_RESPONSE, SrUnavailable, sr_bytes, wants_dicom
 
@@ -88,7 +89,8 @@ class CxrIngress:
         if predictor is None:
             self._local = CxrPredictor.func_or_class(args)  # type: ignore[attr-defined]
             self._admission = ModelAdmission(
-                self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests
+                self.args.predictor.max_ongoing_requests, self.args.predictor.max_queued_requests,
+                on_waiting=serve_metrics().admission_waiting,
             )
         self._decoder = self._request_decoder()
         self._api_key: bytes | None = None
@@ -145,6 +147,7 @@ class CxrIngress:
                     result = await self._local.predict(tensor)
                     heatmap = await self._local.explain(pixels, method) if method else None
         except (BackPressureError, DeploymentUnavailableError, ModelBusyError) as exc:
+            serve_metrics().overloaded.inc(1, tags={"reason": type(exc).__name__})
             raise ApiError(503, "overloaded", f"model is at capacity ({type(exc).__name__}); retry later",
                            headers={"Retry-After": "1"}) from None
         return result, heatmap
@@ -169,6 +172,7 @@ class CxrIngress:
         # messages: never the client's file name (may be PHI).
         tensor, meta, decoded = self._decoder_for(preprocess_config).decode(data, f"request {request_id}")
         decode_ms = (time.perf_counter() - start) * 1000
+        serve_metrics().decode_ms.observe(decode_ms)
         pixels = _overlay_pixels(host_pixels(decoded)) if keep_pixels else None
         return tensor, meta, pixels, warnings, decode_ms
 

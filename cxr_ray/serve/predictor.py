@@ -32,6 +32,7 @@ from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.serve.api import card_summary
 from cxr_ray.serve.batching import OpportunisticBatcher
 from cxr_ray.serve.config import ServeArgs
+from cxr_ray.serve.metrics import serve_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,6 +83,7 @@ class CxrPredictor:
         probs, model_ms = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._timed_predict, batch)
         decisions = self.card.decide(probs)
         n = len(images)
+        serve_metrics().batch(self.backend.name, n, model_ms, self._batcher.queued)
         return [
             {
                 "probabilities": [float(p) for p in decisions.probabilities[i]],
