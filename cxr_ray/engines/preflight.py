@@ -35,7 +35,7 @@ def _cpu_engine(backend: str, precision: str) -> Engine:
         return _engine(backend)
     candidates = auto_candidates(on_gpu=False)
     for engine in candidates:
-        if engine.runs(precision, on_cpu=True):
+        if engine.runs(precision, on_cpu=True) and probe_engine(engine, on_gpu=False):
             return engine
     return candidates[0]  # its precision refusal below says what would run it
 
@@ -70,6 +70,11 @@ def check_engine(
         resolved = engine.resolve_precision(precision, on_cpu=True)
     except UsageError as exc:
         raise UsageError(f"--precision {precision}: {exc}") from None
+    if local and not probe_engine(engine, on_gpu=False):
+        raise BackendUnavailableError(
+            f"--backend {engine.name} is not installed here ({engine.cpu_probe} is false); "
+            f"pip install 'cxr-ray[{engine.name}]', or use --backend auto"
+        )
     native = NATIVE_ONLY_ON_CPU.get(resolved)
     if native is not None and local and not native[0]():
         raise BackendUnavailableError(
