@@ -9,8 +9,9 @@ and probes of the registry entries (:func:`~cxr_ray.engines.registry.auto_candid
   autocast, checked against fp32 at load); for an explicit fp32, ``tensorrt`` or
   ``torch``, ONNX Runtime's CUDA provider last;
 * on a CPU: ``openvino`` where the optional ``openvino`` package is installed
-  (measured faster than ONNX Runtime fp32 on DenseNet-121, ``cxr-ray bench
-  backends``), and only when it passes its check against ONNX Runtime fp32 at
+  (fp32 on par with ONNX Runtime on AVX-512, faster on AVX2-only CPUs; bf16
+  1.87x ONNX Runtime fp32 on DenseNet-121 where the CPU has AVX512-BF16:
+  ``cxr-ray bench backends``), and only when it passes its check against ONNX Runtime fp32 at
   load: a failed check is one warning line and ``auto`` goes on to the next
   engine; then ``onnxruntime``, a plain dependency, so ``auto`` never fails for
   want of an optional package; ``torch`` for ``precision="bf16"`` where OpenVINO
