@@ -20,6 +20,8 @@ TENSORRT_HINT = (
     "pip install 'cxr-ray[tensorrt]' --extra-index-url https://pypi.nvidia.com "
     "(or run in an NVIDIA container such as nvcr.io/nvidia/pytorch or nvcr.io/nvidia/tensorrt)"
 )
+OPENVINO_HINT = "the openvino backend needs OpenVINO: pip install 'cxr-ray[openvino]' (or pip install openvino)"
+NNCF_HINT = "openvino int8 is quantised with NNCF: pip install 'cxr-ray[openvino]' (or pip install nncf)"
 ONNXSCRIPT_HINT = "the dynamo ONNX exporter needs onnxscript: pip install onnxscript"
 
 

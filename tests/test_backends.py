@@ -113,6 +113,8 @@ def test_torch_backend_sets_threads(artifact):
 def test_auto_picks_onnxruntime_on_this_machine(artifact):
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: auto picks tensorrt here")
+    if importlib.util.find_spec("openvino") is not None:
+        pytest.skip("OpenVINO is installed: auto picks openvino here (tests/test_openvino.py)")
     assert resolve_backend_name("auto") == "onnxruntime"
     backend = load_backend(str(artifact), num_threads=1)
     assert isinstance(backend, OnnxRuntimeBackend) and backend.describe()["device"] == "cpu"
@@ -122,7 +124,7 @@ def test_auto_picks_onnxruntime_on_this_machine(artifact):
 def test_unknown_backend_name_suggests_the_closest():
     with pytest.raises(ValueError, match="Did you mean 'onnxruntime'"):
         resolve_backend_name("onnxrutime")
-    assert BACKEND_NAMES == ("auto", "tensorrt", "onnxruntime", "torch", "onnxruntime-trt")
+    assert BACKEND_NAMES == ("auto", "tensorrt", "onnxruntime", "torch", "onnxruntime-trt", "openvino")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -186,7 +188,7 @@ def test_auto_precision_is_fp32_on_the_cpu(artifact, reference):
 
 @NATIVE_BF16
 def test_bf16_on_the_cpu_is_torch_checked_against_fp32(artifact, reference):
-    backend = load_backend(str(artifact), "auto", device="cpu", precision="bf16")
+    backend = load_backend(str(artifact), "torch", device="cpu", precision="bf16")
     assert backend.name == "torch" and backend.precision == "bf16" and backend.label == "torch-bf16"
     diff = backend.describe()["verified_max_abs_diff_vs_fp32"]
     assert 0 < diff <= REDUCED_PRECISION_ATOL  # bf16 is not exact, and within the accepted tolerance

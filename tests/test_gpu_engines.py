@@ -18,6 +18,7 @@ from cxr_ray.engines.onnxruntime.runtime import (
     providers_for,
     tensorrt_provider_available,
 )
+from cxr_ray.engines.openvino.runtime import openvino_available
 from cxr_ray.engines.registry import BACKEND_NAMES, auto_candidates, get_engine
 from cxr_ray.engines.torch.runtime import TorchBackend
 from cxr_ray.errors import BackendUnavailableError, UsageError
@@ -39,7 +40,7 @@ def batch_of(n: int, seed: int = 0) -> np.ndarray:
 
 def test_auto_order_is_the_registrys():
     assert [e.name for e in auto_candidates(on_gpu=True)] == ["tensorrt", "onnxruntime-trt", "onnxruntime", "torch"]
-    assert [e.name for e in auto_candidates(on_gpu=False)] == ["onnxruntime", "torch"]
+    assert [e.name for e in auto_candidates(on_gpu=False)] == ["openvino", "onnxruntime", "torch"]
     assert all(e.gpu_probe for e in auto_candidates(on_gpu=True))
     assert not any(e.gpu_only for e in auto_candidates(on_gpu=False))
 
@@ -56,10 +57,11 @@ def test_gpu_precision_rules():
 
 @NO_GPU
 def test_auto_on_a_cpu_machine():
-    assert resolve_backend_name("auto") == "onnxruntime"
-    assert resolve_backend_name("auto", device="cuda") == "onnxruntime"  # no GPU visible: the CPU's order
-    assert resolve_backend_name("auto", precision="bf16") == "torch"
-    with pytest.raises(UsageError, match="onnxruntime runs fp32 only"):
+    first = "openvino" if openvino_available() else "onnxruntime"  # OpenVINO only where it is installed
+    assert resolve_backend_name("auto") == first
+    assert resolve_backend_name("auto", device="cuda") == first  # no GPU visible: the CPU's order
+    assert resolve_backend_name("auto", precision="bf16") == ("openvino" if openvino_available() else "torch")
+    with pytest.raises(UsageError, match="openvino .CPU plugin. runs fp32, bf16"):
         resolve_backend_name("auto", precision="fp16")  # nothing runs fp16 on a CPU: the first one says why
 
 

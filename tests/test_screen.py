@@ -23,6 +23,7 @@ from _screen_testing import (
 )
 
 from cxr_ray.engines.load import REDUCED_PRECISION_ATOL, load_backend
+from cxr_ray.engines.openvino.runtime import openvino_available
 from cxr_ray.engines.torch.runtime import cpu_has_native_bf16
 from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image
@@ -215,7 +216,8 @@ def test_bf16_opt_in_records_its_backend_and_stays_close_to_fp32(ray_cluster, ar
     rows = read_rows(out).set_index("path")
     fp32 = read_rows(screened[0]).set_index("path")
     ok = rows.index[rows["status"] == "ok"]
-    assert summary["backend"] == "torch-bf16" and set(rows.loc[ok, "backend"]) == {"torch-bf16"}
+    bf16 = "openvino-bf16" if openvino_available() else "torch-bf16"  # auto's first bf16 engine here
+    assert summary["backend"] == bf16 and set(rows.loc[ok, "backend"]) == {bf16}
     assert list(ok.sort_values()) == sorted(fp32.index[fp32["status"] == "ok"])
     np.testing.assert_allclose(rows.loc[ok, PROBS].to_numpy(), fp32.loc[ok, PROBS].to_numpy(), atol=REDUCED_PRECISION_ATOL)
 

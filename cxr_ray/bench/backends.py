@@ -16,10 +16,15 @@ is reported apart in ``best_lower_precision``.
 export if it has none).
 
 CPU candidates: ``torch-eager-nchw-fp32`` (baseline), ``torch-eager-cl-fp32``
-(channels_last), ``onnxruntime-cpu-fp32``; with ``--compile``
+(channels_last), ``onnxruntime-cpu-fp32``, ``openvino-cpu-fp32`` (OpenVINO
+installed; with ``--bf16`` also ``openvino-cpu-bf16`` where the CPU has
+AVX512-BF16 / AMX, and with ``--int8-calibration SPEC`` ``openvino-cpu-int8``,
+NNCF-quantised on those images); with ``--compile``
 ``torch-compile-cl-fp32`` (Inductor, frozen weights); with ``--bf16``
 ``torch-eager-cl-bf16`` (autocast bfloat16: NOT numerically equivalent, shown
-for reference). CUDA candidates (``--device cuda``): the baseline on the GPU,
+for reference). Every row also gives ``ms_per_image`` and, where ONNX Runtime
+ran, ``ratio_vs_onnxruntime`` (against ``onnxruntime-cpu-fp32`` in the same
+run). CUDA candidates (``--device cuda``): the baseline on the GPU,
 ``torch-cuda-cl-fp16`` (autocast), ``onnxruntime-cuda-fp32`` (onnxruntime-gpu)
 and ``tensorrt-fp16`` / ``tensorrt-fp32`` (TensorRT installed).
 """
@@ -27,10 +32,8 @@ and ``tensorrt-fp16`` / ``tensorrt-fp32`` (TensorRT installed).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,18 +47,23 @@ import numpy as np
 import onnxruntime
 import torch
 
+from cxr_ray.bench.machine import machine_info
 from cxr_ray.bench.measure import random_artifact
 from cxr_ray.engines.onnxruntime.build import ensure_onnx, export_onnx
-from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend, available_cpus
+from cxr_ray.engines.onnxruntime.runtime import OnnxRuntimeBackend
+from cxr_ray.engines.openvino.quantize import quantized_model
+from cxr_ray.engines.openvino.runtime import OpenVinoBackend, openvino_available
+from cxr_ray.engines.request import EngineRequest
 from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
 from cxr_ray.engines.tensorrt.runtime import TensorRTBackend, tensorrt_available
-from cxr_ray.engines.torch.runtime import TorchBackend
+from cxr_ray.engines.torch.runtime import TorchBackend, cpu_has_native_bf16
 from cxr_ray.errors import UsageError
 from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.models.card import ModelCard
 from cxr_ray.progress import stage
 
 BASELINE = "torch-eager-nchw-fp32"
+ONNXRUNTIME = "onnxruntime-cpu-fp32"  # the CPU engine every other one is also compared with
 DEFAULT_BATCH_SIZES = "1,8,32,128"
 
 
@@ -66,6 +74,7 @@ class BenchContext:
     device: str
     num_threads: int | None
     max_batch: int
+    int8_calibration: str | None = None
     _onnx: tuple[Path, str] | None = None
 
     def onnx(self) -> tuple[Path, str]:
@@ -103,6 +112,33 @@ def _onnxruntime(device: str):
     return make
 
 
+def _openvino(precision: str):
+    def make(ctx: BenchContext):
+        path, sha = ctx.onnx()
+        model = None
+        if precision == "int8":
+            request = EngineRequest(calibration=ctx.int8_calibration, calibration_images=128)
+            model, _ = quantized_model(path, sha, ctx.card, request)
+        return OpenVinoBackend(path, ctx.card.classes, ctx.card.image_size, precision=precision,
+                               num_threads=ctx.num_threads, expected_sha256=sha, model=model)
+
+    return make
+
+
+def _cpu_openvino(bf16: bool, int8: bool) -> tuple[list[Candidate], list[dict]]:
+    """The OpenVINO candidates (fp32; bf16 where the CPU has it; int8 with calibration images)."""
+    if not openvino_available():
+        return [], [{"backend": "openvino-cpu-fp32", "reason": "openvino is not installed (pip install 'cxr-ray[openvino]')"}]
+    chosen, skipped = [Candidate("openvino-cpu-fp32", _openvino("fp32"))], []
+    if bf16 and cpu_has_native_bf16():
+        chosen.append(Candidate("openvino-cpu-bf16", _openvino("bf16"), exact=False))
+    elif bf16:
+        skipped.append({"backend": "openvino-cpu-bf16", "reason": "this CPU has no AVX512-BF16 / AMX"})
+    if int8:
+        chosen.append(Candidate("openvino-cpu-int8", _openvino("int8"), exact=False))
+    return chosen, skipped
+
+
 def _tensorrt(precision: str):
     def make(ctx: BenchContext):
         path, sha = ctx.onnx()
@@ -116,15 +152,18 @@ def _tensorrt(precision: str):
     return make
 
 
-def candidates(device: str, *, compile: bool = False, bf16: bool = False) -> tuple[list[Candidate], list[dict]]:
+def candidates(device: str, *, compile: bool = False, bf16: bool = False,
+               int8: bool = False) -> tuple[list[Candidate], list[dict]]:
     """The backends to measure on ``device`` and the ones skipped here (with the reason)."""
     skipped: list[dict] = []
     if device == "cpu":
         chosen = [
             Candidate(BASELINE, _torch("cpu", channels_last=False)),
             Candidate("torch-eager-cl-fp32", _torch("cpu", channels_last=True)),
-            Candidate("onnxruntime-cpu-fp32", _onnxruntime("cpu")),
+            Candidate(ONNXRUNTIME, _onnxruntime("cpu")),
         ]
+        openvino, skipped = _cpu_openvino(bf16, int8)
+        chosen += openvino
         if compile:
             chosen.append(Candidate("torch-compile-cl-fp32", _torch("cpu", channels_last=True, compile=True)))
         if bf16:
@@ -165,45 +204,6 @@ def _time_backend(backend, batch, *, seconds: float, warmup_s: float, min_iters:
     return times
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str) -> dict:
-
-    trt_version = None
-    if importlib.util.find_spec("tensorrt") is not None:
-        import tensorrt
-
-        trt_version = tensorrt.__version__
-    info = {
-        "cpu_count": os.cpu_count(),
-        "available_cpus": available_cpus(),
-        "cpu_model": _cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "tensorrt": trt_version,
-        "device": device,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
-
-
 def _load_backends(chosen: list[Candidate], ctx: BenchContext, skipped: list[dict[str, Any]]) -> dict[str, Any]:
     """The candidates that load here; the others are reported in ``skipped`` (the baseline must load)."""
     backends = {}
@@ -235,13 +235,16 @@ def _measure(backends: dict[str, Any], exact: dict[str, bool], batch_sizes: list
                 times[name] += _time_backend(backend, batch, seconds=per_round, warmup_s=timing["warmup_s"],
                                              min_iters=timing["min_iters"])
         base_rate = size * len(times[BASELINE]) / sum(times[BASELINE])
+        ort_rate = size * len(times[ONNXRUNTIME]) / sum(times[ONNXRUNTIME]) if ONNXRUNTIME in times else None
         for name, backend in backends.items():
             rate = size * len(times[name]) / sum(times[name])
             rows.append({
                 "backend": name,
                 "batch_size": size,
                 "images_per_s": round(rate, 2),
+                "ms_per_image": round(1000 / rate, 2),
                 "ratio_vs_baseline": round(rate / base_rate, 2),
+                "ratio_vs_onnxruntime": round(rate / ort_rate, 2) if ort_rate else None,
                 "latency_ms_median": round(1000 * statistics.median(times[name]), 2),
                 "iterations": len(times[name]),
                 "max_abs_diff_vs_baseline": float(np.max(np.abs(backend.predict(batch) - reference))),
@@ -278,6 +281,7 @@ def run_benchmark(
     num_threads: int | None = None,
     compile: bool = False,
     bf16: bool = False,
+    int8_calibration: str | None = None,
     only: list[str] | None = None,
     source: str = "artifact",
 ) -> dict:
@@ -285,13 +289,14 @@ def run_benchmark(
 
     card = load_card(str(root))
     info = machine_info(device)
-    chosen, skipped = candidates(device, compile=compile, bf16=bf16)
+    chosen, skipped = candidates(device, compile=compile, bf16=bf16, int8=int8_calibration is not None)
     if only:
         unknown = sorted(set(only) - {c.name for c in chosen} - {s["backend"] for s in skipped})
         if unknown:
             raise UsageError(f"unknown backends {unknown}; here: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in only or c.name == BASELINE]
-    ctx = BenchContext(root=root, card=card, device=device, num_threads=num_threads, max_batch=max(batch_sizes))
+    ctx = BenchContext(root=root, card=card, device=device, num_threads=num_threads, max_batch=max(batch_sizes),
+                       int8_calibration=int8_calibration)
     backends = _load_backends(chosen, ctx, skipped)
     info["torch_threads"] = torch.get_num_threads()  # after the backends applied --threads
     timing = {"seconds": seconds, "warmup_s": warmup_s, "min_iters": min_iters, "rounds": rounds}
@@ -326,7 +331,7 @@ def _batch_sizes(text: str) -> list[int]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "backends",
-        help="images/s of torch / ONNX Runtime / TensorRT on one model, vs eager PyTorch",
+        help="images/s of torch / ONNX Runtime / OpenVINO / TensorRT on one model, vs eager PyTorch and ONNX Runtime",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -344,7 +349,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--backends", default=None, help="comma-separated subset (the baseline is always run)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
-    parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast (not fp32-equivalent)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also measure bfloat16 (torch autocast, OpenVINO where the CPU has AVX512-BF16 / AMX); "
+                        "not fp32-equivalent")
+    parser.add_argument("--int8-calibration", metavar="SPEC", default=None,
+                        help="also measure OpenVINO int8 (NNCF), calibrated on 128 images of this manifest / "
+                        "directory / glob; not fp32-equivalent")
     parser.add_argument("--s3-endpoint", default=None)
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     return parser
@@ -355,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         batch_sizes=args.batch_sizes, seconds=args.seconds, warmup_s=args.warmup, rounds=max(1, args.rounds),
         device=args.device, num_threads=args.threads, compile=args.compile, bf16=args.bf16, only=only,
+        int8_calibration=args.int8_calibration,
     )
     if args.model:
         root = localize(args.model, args.s3_endpoint)

@@ -8,11 +8,14 @@ and probes of the registry entries (:func:`~cxr_ray.engines.registry.auto_candid
   its TensorRT provider and TensorRT's libraries, else ``torch`` on CUDA (fp16
   autocast, checked against fp32 at load); for an explicit fp32, ``tensorrt`` or
   ``torch``, ONNX Runtime's CUDA provider last;
-* on a CPU: ``onnxruntime``, measured fastest fp32 engine on CPU for every
-  registered architecture (``cxr-ray bench backends``), and a plain dependency,
-  so ``auto`` never fails for want of an optional package; ``torch`` when
-  ``precision="bf16"`` is asked for (oneDNN bf16 kernels), the only engine here
-  that runs bf16 natively.
+* on a CPU: ``openvino`` where the optional ``openvino`` package is installed
+  (fp32 on par with ONNX Runtime on AVX-512, faster on AVX2-only CPUs; bf16
+  1.87x ONNX Runtime fp32 on DenseNet-121 where the CPU has AVX512-BF16:
+  ``cxr-ray bench backends``), and only when it passes its check against ONNX Runtime fp32 at
+  load: a failed check is one warning line and ``auto`` goes on to the next
+  engine; then ``onnxruntime``, a plain dependency, so ``auto`` never fails for
+  want of an optional package; ``torch`` for ``precision="bf16"`` where OpenVINO
+  is absent (oneDNN bf16 kernels).
 
 ``precision="auto"`` means what each engine's registry entry says: fp16 on a
 GPU (TensorRT / torch autocast) and fp32 on the CPU. Reduced precision on the
@@ -31,6 +34,7 @@ GPU is built into the (local copy of the) artifact's ``engines/`` once per node.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +53,7 @@ from cxr_ray.engines.registry import (
     get_engine,
 )
 from cxr_ray.engines.request import EngineRequest
-from cxr_ray.errors import UsageError
+from cxr_ray.errors import BackendUnavailableError, UsageError
 from cxr_ray.models.artifact import load_card, localize
 from cxr_ray.models.card import ModelCard
 
@@ -57,6 +61,8 @@ __all__ = ["BACKEND_NAMES", "PRECISION_NAMES", "REDUCED_PRECISION_ATOL", "load_b
 
 # The accepted bf16-vs-fp32 difference of the torch engine on the CPU (tests and the README quote it).
 REDUCED_PRECISION_ATOL = TOLERANCES[("torch", "bf16")]
+
+log = logging.getLogger(__name__)
 
 Provision = Callable[[Path, ModelCard, EngineRequest], Backend]
 
@@ -66,12 +72,28 @@ def cuda_visible() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def probe_engine(engine: Engine) -> bool:
-    """The engine's ``gpu_probe`` (``module:function``), imported only now."""
-    if engine.gpu_probe is None:
+def probe_engine(engine: Engine, *, on_gpu: bool = True) -> bool:
+    """The engine's ``gpu_probe`` (or ``cpu_probe``), ``module:function``, imported only now."""
+    probe = engine.gpu_probe if on_gpu else engine.cpu_probe
+    if probe is None:
         return True
-    module, _, function = engine.gpu_probe.partition(":")
+    module, _, function = probe.partition(":")
     return bool(getattr(importlib.import_module(module), function)())
+
+
+def auto_engines(device: str | None = None, precision: str = AUTO) -> list[str]:
+    """What ``auto`` tries here, in order: the candidates that run ``precision`` and whose probe passes.
+
+    On a GPU only the first is tried (as before); on a CPU all of them, each after the previous
+    one failed to load (:func:`load_backend`). Empty: nothing here runs ``precision``.
+    """
+    on_gpu = device != "cpu" and cuda_visible()
+    names = [
+        engine.name
+        for engine in auto_candidates(on_gpu=on_gpu)
+        if engine.runs(precision, on_cpu=not on_gpu) and probe_engine(engine, on_gpu=on_gpu)
+    ]
+    return names[:1] if on_gpu else names
 
 
 def resolve_backend_name(name: str, device: str | None = None, precision: str = AUTO) -> str:
@@ -84,11 +106,10 @@ def resolve_backend_name(name: str, device: str | None = None, precision: str = 
     if name != AUTO:
         return get_engine(name).name  # unknown names: the closest valid one is suggested
     on_gpu = device != "cpu" and cuda_visible()
-    candidates = auto_candidates(on_gpu=on_gpu)
-    for engine in candidates:
-        if engine.runs(precision, on_cpu=not on_gpu) and (not on_gpu or probe_engine(engine)):
-            return engine.name
-    candidates[0].resolve_precision(precision, on_cpu=not on_gpu)  # its refusal says what would run it
+    names = auto_engines(device, precision)
+    if names:
+        return names[0]
+    auto_candidates(on_gpu=on_gpu)[0].resolve_precision(precision, on_cpu=not on_gpu)  # its refusal says why
     raise UsageError(f"no engine installed here runs precision={precision} on the {'GPU' if on_gpu else 'CPU'}")
 
 
@@ -114,4 +135,20 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     request = replace(request, auto=name == AUTO)
     root = localize(artifact_uri, request.s3_endpoint)
     card = load_card(str(root))
-    return _provisioner(engine)(root, card, request)
+    if name != AUTO:
+        return _provisioner(engine)(root, card, request)
+    return _first_that_loads(auto_engines(request.device, request.precision), root, card, request)
+
+
+def _first_that_loads(names: list[str], root: Path, card: ModelCard, request: EngineRequest) -> Backend:
+    """``auto``: the first engine of ``names`` that provisions (an engine checked at load, such as
+    OpenVINO against ONNX Runtime fp32, refuses with :class:`BackendUnavailableError`); one log line
+    per engine passed over, and the last one's error if none loads."""
+    for i, engine in enumerate(names):
+        try:
+            return _provisioner(engine)(root, card, request)
+        except BackendUnavailableError as exc:
+            if i == len(names) - 1:
+                raise
+            log.warning("backend auto: %s not used (%s); falling back to %s", engine, exc, names[i + 1])
+    raise AssertionError("unreachable: auto_engines is never empty after resolve_backend_name")

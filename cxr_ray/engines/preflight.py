@@ -35,13 +35,14 @@ def _cpu_engine(backend: str, precision: str) -> Engine:
         return _engine(backend)
     candidates = auto_candidates(on_gpu=False)
     for engine in candidates:
-        if engine.runs(precision, on_cpu=True):
+        if engine.runs(precision, on_cpu=True) and probe_engine(engine, on_gpu=False):
             return engine
     return candidates[0]  # its precision refusal below says what would run it
 
 
 def check_engine(
-    backend: str, precision: str, *, gpus: float, local: bool = True, device: str | None = None
+    backend: str, precision: str, *, gpus: float, local: bool = True, device: str | None = None,
+    calibration: str | None = None,
 ) -> None:
     """Refuse, now, what the workers would refuse at load.
 
@@ -49,7 +50,8 @@ def check_engine(
     workers run on this machine, so its CPU instructions and installed
     packages are theirs (False for a remote ``--address``: only the rules that
     do not depend on the machine are checked). ``device``: an explicit
-    ``--device`` (``cpu``, ``cuda[:N]``).
+    ``--device`` (``cpu``, ``cuda[:N]``). ``calibration``: the images an int8 CPU engine
+    (OpenVINO + NNCF) is calibrated on; int8 on a CPU without them is refused.
     """
     check_precision(precision)
     if device is not None and device.startswith("cuda") and gpus <= 0:
@@ -70,6 +72,16 @@ def check_engine(
         resolved = engine.resolve_precision(precision, on_cpu=True)
     except UsageError as exc:
         raise UsageError(f"--precision {precision}: {exc}") from None
+    if local and not probe_engine(engine, on_gpu=False):
+        raise BackendUnavailableError(
+            f"--backend {engine.name} is not installed here ({engine.cpu_probe} is false); "
+            f"pip install 'cxr-ray[{engine.name}]', or use --backend auto"
+        )
+    if resolved == "int8" and not calibration:
+        raise UsageError(
+            f"--precision int8 on the CPU ({engine.name}, NNCF) is calibrated on real images, and none were given; "
+            "use --precision fp32 (or auto), or measure it with `cxr-ray bench backends --int8-calibration SPEC`"
+        )
     native = NATIVE_ONLY_ON_CPU.get(resolved)
     if native is not None and local and not native[0]():
         raise BackendUnavailableError(

@@ -18,6 +18,11 @@ class EngineRequest:
     for the torch engine. ``cuda_graphs``: the torch engine on CUDA replays one
     captured CUDA graph per batch shape (checked against fp32 at load; off by
     default until the device check has measured it, see the README's GPU section).
+    Engines checked against ONNX Runtime fp32 at load (OpenVINO): ``verify_labels``, a labelled set
+    (manifest or folder tree) whose seeded sample of ``verify_images`` adds real images and an AUC
+    check; ``max_prob_diff`` replaces the engine's tolerance (tighter for a site that validated fp32).
+    ``calibration`` / ``calibration_images``: the images an int8 engine is calibrated on (manifest,
+    directory or glob; a seeded sample), as for TensorRT int8.
     """
 
     device: str | None = None
@@ -27,5 +32,10 @@ class EngineRequest:
     max_batch: int | None = None
     compile: bool = False
     cuda_graphs: bool = False
+    verify_labels: str | None = None
+    verify_images: int = 256
+    max_prob_diff: float | None = None
+    calibration: str | None = None
+    calibration_images: int = 512
     # True when the caller asked for "auto" (load_backend has then filled in the device auto chose).
     auto: bool = False

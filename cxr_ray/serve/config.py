@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from cxr_ray.io.types import DecodePolicy
 
 # The registry's names (cxr_ray.engines.registry.BACKEND_NAMES; a test holds them equal).
-BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch", "onnxruntime-trt"]
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch", "onnxruntime-trt", "openvino"]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 # fused: one deployment decodes and predicts (CPU nodes, one machine); split: decode in
 # CxrIngress, batched inference in CxrPredictor replicas (GPU clusters). See cxr_ray.serve.app.

@@ -1,0 +1,1 @@
+"""The OpenVINO engine (CPU plugin): ``runtime`` runs the artifact's ONNX graph, ``build`` provisions and verifies it."""
