@@ -18,7 +18,9 @@ body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:60rem;color:#
 h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;border-bottom:1px solid #ccc;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.2rem .6rem;text-align:left}
 th{background:#f5f5f5}.num{text-align:right;font-variant-numeric:tabular-nums}
-img.chart{max-width:100%}img.thumb{height:96px}.muted{color:#757575}
+img.chart{max-width:100%}.muted{color:#757575}
+.grid{display:flex;flex-wrap:wrap;gap:.5rem}figure{margin:0;border:1px solid #ddd;padding:.3rem;width:10.5rem;font-size:.8rem}
+img.thumb{width:100%;height:7rem;object-fit:contain;background:#000}.nothumb{height:3rem}.rank{font-weight:600}
 .warn{background:#ffebee;border-left:4px solid #c62828;padding:.5rem .8rem;margin:.4rem 0}
 .note{background:#fff8e1;border-left:4px solid #f9a825;padding:.5rem .8rem;margin:.4rem 0}
 .ok{background:#e8f5e9;border-left:4px solid #2e7d32;padding:.5rem .8rem;margin:.4rem 0}
@@ -51,11 +53,12 @@ img.chart{max-width:100%}img.thumb{height:96px}.muted{color:#757575}
 <section id="flagged"><h2>Top {{ top|length }} flagged inputs</h2>
 <p class="muted">Pseudonymous identifiers only (keyed instance pseudonyms, or a digest of the input path that
 also names its heatmap under <code>_heatmaps/</code>); match them with the Parquet rows.</p>
-<table><tr><th>#</th><th>input</th><th>study</th><th>score</th><th>heatmap</th></tr>
-{% for row in top %}<tr class="flagged-row"><td class="num">{{ loop.index }}</td><td><code>{{ row.input_id }}</code></td>
-<td><code>{{ row.study or "" }}</code></td><td class="num">{{ "%.4f"|format(row.score) }}</td>
-<td>{% if row.thumbnail %}<img class="thumb" alt="heatmap" src="{{ row.thumbnail }}">{% else %}<span class="muted">{{ "not written" if heatmaps else "-" }}</span>{% endif %}</td></tr>
-{% else %}<tr><td colspan="5" class="muted">no input was flagged</td></tr>{% endfor %}</table></section>
+<div class="grid">
+{% for row in top %}<figure class="flagged-row" data-score="{{ "%.6f"|format(row.score) }}"><div class="rank">#{{ loop.index }}
+&middot; score {{ "%.4f"|format(row.score) }}</div>
+{% if row.thumbnail %}<img class="thumb" alt="heatmap" src="{{ row.thumbnail }}">{% else %}<div class="nothumb muted">{{ "heatmap not written" if heatmaps else "no heatmap (--heatmaps none)" }}</div>{% endif %}
+<figcaption><code>{{ row.input_id }}</code>{% if row.study %}<br><code>study {{ row.study }}</code>{% endif %}</figcaption></figure>
+{% else %}<p class="muted">No input was flagged.</p>{% endfor %}</div></section>
 
 <section id="throughput"><h2>Throughput</h2>
 <table>{% for run in runs %}<tr><th>run {{ run.run_id }}</th><td>{{ run.screened }} screened in {{ run.seconds }} s:
