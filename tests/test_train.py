@@ -282,3 +282,20 @@ def test_extend_needs_an_artifact_and_transfer_modes_need_weights(tmp_path):
         TrainConfig(data="d", arch="resnet18", out="o", mode="scratch", pretrained="imagenet").validate()
     with pytest.raises(UsageError, match="image-size"):
         TrainConfig(data="d", arch="mobilenet_v2", out="o", image_size=16).validate()
+
+
+@pytest.mark.slow
+def test_the_card_keeps_a_drift_fingerprint_of_the_validation_split(trained):
+    """model.json's ``drift_fingerprint``: the validation split's score histogram (its images, in
+    the 10 fixed bins) and header mix, counts only, for the screening report's drift check."""
+    summary, out, _, _ = trained
+    card = json.loads((out / "model.json").read_text())
+    fingerprint = card["drift_fingerprint"]
+    val_images = card["training"]["splits"]["val"]["images"]
+    assert fingerprint["computed_on"] == "validation" and fingerprint["images"] == val_images
+    assert fingerprint["score"]["class"] == "covid" and len(fingerprint["score"]["bin_edges"]) == 11
+    assert sum(fingerprint["score"]["counts"]) == val_images
+    headers = fingerprint["headers"]
+    assert headers["format"] == {"png": val_images}  # the phantoms are PNGs of 64 px: no DICOM header
+    assert headers["modality"] == {"(none)": val_images} and headers["size_band"] == {"<1024": val_images}
+    assert sum(headers["photometric_interpretation"].values()) == val_images

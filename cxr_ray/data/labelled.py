@@ -174,6 +174,10 @@ def grouping_key(env_name: str | None = None) -> bytes:
     return key_from_env(env_name) or _GROUPING_KEY
 
 
+# Decode metadata a training run keeps per image for its drift fingerprint (no identifiers).
+HEADER_KEYS = ("format", "modality", "photometric_interpretation", "manufacturer", "rows", "cols")
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -184,7 +188,8 @@ def decode_batch(
     """Read, hash, decode and preprocess a batch of ``{"row_id", "path", "label"}``.
 
     Returns ``row_id``, ``label``, ``sha256``, ``status`` ("ok" | "error"),
-    ``error_code``, ``patient_pseudonym``, ``view`` and ``image`` (float32
+    ``error_code``, ``patient_pseudonym``, ``view``, the :data:`HEADER_KEYS`
+    (the header mix of the model's drift fingerprint) and ``image`` (float32
     (n, 1, S, S); zeros where ``status`` is "error").
     """
     config = PreprocessConfig.from_dict(preprocessing)
@@ -194,6 +199,8 @@ def decode_batch(
     n = len(paths)
     images = np.zeros((n, 1, size, size), dtype=np.float32)
     sha, status, code, pseudonym, view = ([""] * n for _ in range(5))
+    # "" and 0 for absent values, never None: a batch where a key is all None would give Arrow a null column.
+    header: dict[str, list] = {key: [0 if key in ("rows", "cols") else ""] * n for key in HEADER_KEYS}
     for i, path in enumerate(paths):
         try:
             loaded = load_input(path, policy)
@@ -205,6 +212,8 @@ def decode_batch(
         status[i] = "ok"
         pseudonym[i] = loaded.image.meta.patient_pseudonym or ""
         view[i] = loaded.image.meta.view_position or ""
+        for key in HEADER_KEYS:
+            header[key][i] = getattr(loaded.image.meta, key) or header[key][i]
     return {
         "row_id": np.asarray(batch["row_id"], dtype=np.int64),
         "label": np.asarray(batch["label"], dtype=np.int64),
@@ -213,5 +222,7 @@ def decode_batch(
         "error_code": np.array(code, dtype=object),
         "patient_pseudonym": np.array(pseudonym, dtype=object),
         "view": np.array(view, dtype=object),
+        **{key: np.array(values, dtype=np.int64 if key in ("rows", "cols") else object)
+           for key, values in header.items()},
         "image": images,
     }

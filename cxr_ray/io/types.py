@@ -39,6 +39,7 @@ class ImageMetadata:
     modality: str | None = None
     view_position: str | None = None
     photometric_interpretation: str | None = None
+    manufacturer: str | None = None  # (0008,0070): equipment, never patient data
     bits_stored: int | None = None
     frames: int = 1
     sop_class_uid: str | None = None

@@ -100,6 +100,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str | None = None
+    # What validation data looked like (score histogram, header mix): cxr_ray.models.fingerprint.
+    drift_fingerprint: dict[str, Any] | None = None
     version: str = ""
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION

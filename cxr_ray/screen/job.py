@@ -50,6 +50,7 @@ from cxr_ray.screen.preflight import (
     joins_a_cluster,
 )
 from cxr_ray.screen.recovery import write_crashed_rows
+from cxr_ray.screen.report import report_safely
 from cxr_ray.screen.schema import STATUS_OK, prob_columns
 from cxr_ray.screen.summary import PartsScan, finish_run, scan_parts
 
@@ -157,7 +158,8 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[st
     summary = finish_run(layout, card, run_id, started_at, time.time() - t0, passes, crashed_rows, resumed_rows)
     if config.dicom_results:
         summary["dicom_results"] = dicom_results_summary(layout, config.dicom_results)
-        layout.write_json(SUMMARY_FILE, summary)
+    summary["report"] = report_safely(layout, card, summary)  # never fails the run: results are committed
+    layout.write_json(SUMMARY_FILE, summary)
     if summary["complete"]:
         layout.write_marker()  # last: readers may trust everything before it
     return summary

@@ -71,6 +71,8 @@ META_FIELDS = [
     pa.field("format", pa.string()),
     pa.field("modality", pa.string()),
     pa.field("view_position", pa.string()),
+    pa.field("photometric_interpretation", pa.string()),
+    pa.field("manufacturer", pa.string()),  # equipment (DICOM 0008,0070), not patient data
     pa.field("rows", pa.int32()),
     pa.field("cols", pa.int32()),
     pa.field("patient_pseudonym", pa.string()),
@@ -79,6 +81,8 @@ META_FIELDS = [
     pa.field("warnings", pa.list_(pa.string())),
 ]
 META_COLUMNS = [f.name for f in META_FIELDS]
+# What the output says about each input's header (and the drift check's header mix compares).
+HEADER_COLUMNS = ("format", "modality", "view_position", "photometric_interpretation", "manufacturer", "rows", "cols")
 PIXELS = "pixels"
 # Always in the output (null unless the heatmap stage wrote an overlay), so runs with
 # and without heatmaps write one schema and resume into each other.
@@ -98,7 +102,7 @@ def decoded_schema(image_size: int) -> pa.Schema:
 def output_schema(classes: list[str]) -> pa.Schema:
     """The Parquet schema of ``OUTPUT/parts/*.parquet`` for a model with ``classes``."""
     meta = {f.name: f for f in META_FIELDS}
-    fields = [meta[name] for name in ("path", "status", "error_code", "error", "format", "modality", "view_position", "rows", "cols")]
+    fields = [meta[name] for name in ("path", "status", "error_code", "error", *HEADER_COLUMNS)]
     fields.append(pa.field("predicted_label", pa.string()))
     fields += [pa.field(name, pa.float32()) for name in prob_columns(classes)]
     fields += [

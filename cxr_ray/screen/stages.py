@@ -38,6 +38,7 @@ from cxr_ray.screen.device_decode import decode_on_device
 from cxr_ray.screen.metrics import record_stage, record_written, timed_stage
 from cxr_ray.screen.output import OutputLayout
 from cxr_ray.screen.schema import (
+    HEADER_COLUMNS,
     HEATMAP_PATH,
     INFERENCE_FAILED,
     MAX_ERROR_CHARS,
@@ -243,7 +244,7 @@ class Predictor:
         n = len(table)
         done = np.asarray(status, dtype=object) == STATUS_OK
         columns: dict[str, pa.Array] = {}
-        for name in ("path", "format", "modality", "view_position", "rows", "cols"):
+        for name in ("path", *HEADER_COLUMNS):
             columns[name] = table.column(name)
         columns["status"] = pa.array(status, pa.string())
         columns["error_code"] = pa.array(codes, pa.string())

@@ -28,9 +28,9 @@ import pyarrow.compute as pc
 import ray
 from ray.data import DataContext
 
-from cxr_ray.data.labelled import decode_batch, grouping_key
+from cxr_ray.data.labelled import HEADER_KEYS, decode_batch, grouping_key
 
-META_COLUMNS = ["row_id", "sha256", "status", "error_code", "patient_pseudonym", "view"]
+META_COLUMNS = ["row_id", "sha256", "status", "error_code", "patient_pseudonym", "view", *HEADER_KEYS]
 TENSOR_COLUMNS = ["row_id", "label", "image"]
 
 

@@ -62,6 +62,7 @@ from cxr_ray.models.artifact import save_artifact
 from cxr_ray.models.build import build_model
 from cxr_ray.models.card import ModelCard, ThresholdsRecord, new_card
 from cxr_ray.train.config import TrainConfig
+from cxr_ray.train.drift import validation_fingerprint
 from cxr_ray.train.fit import FitOutcome, fit
 from cxr_ray.train.ingest import deterministic_order
 from cxr_ray.train.prepare import Prepared, log, prepare, split_sizes
@@ -86,6 +87,7 @@ class RunResult:
     training: dict[str, Any] = field(default_factory=dict)  # besides config, init, data
     summary: dict[str, Any] = field(default_factory=dict)  # besides artifact, test, data, files
     extra_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validation: tuple[np.ndarray, np.ndarray] | None = None  # (row ids, probs): the drift fingerprint's data
 
 
 def _fingerprinted(cfg: TrainConfig, prep: Prepared, table: pd.DataFrame, column: str, order: list[str]
@@ -139,6 +141,7 @@ def run_single(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
         metrics_doc={"val": val_report, "history": outcome.history, "run": run},
         training={"run": run, "splits": splits},
         summary={"thresholds": thresholds, "val": headline(val_report), "run": run},
+        validation=(np.sort(ids["val"]), val_probs),
     ))
 
 
@@ -151,6 +154,7 @@ class _Fold:
     report: dict[str, Any]
     threshold: float | None  # validation-chosen, else None
     best_epoch: int
+    validation: tuple[np.ndarray, np.ndarray]  # (sorted val row ids, their probs)
 
 
 def _run_fold(cfg: TrainConfig, prep: Prepared, dev: pd.DataFrame, i: int, base: str, fingerprint: str) -> _Fold:
@@ -176,7 +180,7 @@ def _run_fold(cfg: TrainConfig, prep: Prepared, dev: pd.DataFrame, i: int, base:
         "test": fold_report,
     }
     chosen = thresholds["positive"] if thresholds.get("chosen_on") == "validation" else None
-    return _Fold(record, fold_report, chosen, outcome.best_epoch)
+    return _Fold(record, fold_report, chosen, outcome.best_epoch, (np.sort(val_ids), predicted["val"][1]))
 
 
 def _final_threshold(cfg: TrainConfig, prep: Prepared, folds: list[_Fold]) -> ThresholdsRecord:
@@ -256,6 +260,8 @@ def run_cv(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
         card_metrics={"cv": table_cv},
         metrics_doc={"cv": table_cv, "history": final.history, "final_model": final_record},
         training={"run": final.record(), "final_model": final_record},
+        validation=(np.concatenate([f.validation[0] for f in folds]),  # the folds' validation splits, as
+                    np.concatenate([f.validation[1] for f in folds])),  # the threshold is their median
         summary={"folds": cfg.folds, "cv": table_cv,
                  "final_model": {k: final_record[k] for k in ("trained_on", "images", "epochs", "thresholds")}},
         extra_files={"cv_summary.json": cv_doc},
@@ -284,6 +290,8 @@ def _write_outputs(cfg: TrainConfig, prep: Prepared, result: RunResult, metrics_
                     positive_class=prep.positive_class, thresholds=result.thresholds,
                     metrics={"test": result.test_report, **result.card_metrics, "split_used_for_metrics": "test"},
                     training=training, data_fingerprint=result.fingerprint)
+    if result.validation is not None:
+        card.drift_fingerprint = validation_fingerprint(card, prep.table, *result.validation)
     with report_directory(cfg.out, cfg.s3_endpoint, prefix="cxr-artifact-") as local:
         card = save_artifact(local, model.eval(), card)
         doc = {**metrics_doc, "model": {"name": card.name, "version": card.version, "arch": card.arch,

@@ -103,6 +103,7 @@ def dicom_metadata(ds: Dataset, hdr: Header, pseudonym_key: bytes | None) -> Ima
         modality=hdr.modality,
         view_position=hdr.view,
         photometric_interpretation=hdr.photometric,
+        manufacturer=hdr.manufacturer,
         bits_stored=hdr.bits_stored,
         frames=hdr.frames,
         sop_class_uid=hdr.sop_class,

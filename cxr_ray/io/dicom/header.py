@@ -48,6 +48,7 @@ class Header:
     implicit_vr: bool
     little_endian: bool
     warnings: list[str] = field(default_factory=list)
+    manufacturer: str | None = None  # equipment, not patient data: the drift check's header mix
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -186,6 +187,7 @@ def parse_header(ds: Dataset, name: str) -> Header:
             transfer_syntax=ts,
             implicit_vr=implicit,
             little_endian=little,
+            manufacturer=_text(ds, "Manufacturer"),
         )
     except DecodeError:
         raise
