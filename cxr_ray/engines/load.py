@@ -49,6 +49,7 @@ from cxr_ray.engines.registry import (
     get_engine,
 )
 from cxr_ray.engines.request import EngineRequest
+from cxr_ray.engines.tta import TTABackend, check_views
 from cxr_ray.errors import UsageError
 from cxr_ray.models.artifact import load_card, localize
 from cxr_ray.models.card import ModelCard
@@ -103,7 +104,7 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     """Build the engine ``name`` for the artifact at ``artifact_uri``.
 
     ``request`` (or its fields as keyword arguments: ``device``, ``precision``,
-    ``num_threads``, ``s3_endpoint``, ``max_batch``, ``compile``) says how to
+    ``num_threads``, ``s3_endpoint``, ``max_batch``, ``compile``, ``tta``) says how to
     run it; see :class:`~cxr_ray.engines.request.EngineRequest`.
     """
     request = replace(request or EngineRequest(), **options)  # type: ignore[arg-type]
@@ -112,6 +113,8 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     if name == AUTO and request.device is None:  # where auto decided to run it, said to the engine
         request = replace(request, device="cuda" if cuda_visible() else "cpu")
     request = replace(request, auto=name == AUTO)
+    check_views(request.tta)
     root = localize(artifact_uri, request.s3_endpoint)
     card = load_card(str(root))
-    return _provisioner(engine)(root, card, request)
+    backend = _provisioner(engine)(root, card, request)
+    return TTABackend(backend, request.tta) if request.tta > 1 else backend

@@ -18,6 +18,7 @@ class EngineRequest:
     for the torch engine. ``cuda_graphs``: the torch engine on CUDA replays one
     captured CUDA graph per batch shape (checked against fp32 at load; off by
     default until the device check has measured it, see the README's GPU section).
+    ``tta``: the mean over that many fixed views per image.
     """
 
     device: str | None = None
@@ -27,5 +28,6 @@ class EngineRequest:
     max_batch: int | None = None
     compile: bool = False
     cuda_graphs: bool = False
+    tta: int = 1  # test-time augmentation views per image (1 = off; see cxr_ray.engines.tta)
     # True when the caller asked for "auto" (load_backend has then filled in the device auto chose).
     auto: bool = False
