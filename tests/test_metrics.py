@@ -14,6 +14,11 @@ from sklearn.metrics import (
 )
 
 from cxr_ray.evaluate import choose_threshold, classification_report, summarize_folds
+from cxr_ray.evaluate.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+)
 from cxr_ray.evaluate.metrics import _weighted_auc
 from cxr_ray.testing import CLASSES
 
@@ -214,8 +219,6 @@ def test_patient_bootstrap_differs_from_image_bootstrap_only_with_several_images
 
 
 def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model():
-    from cxr_ray.evaluate.calibration import apply_temperature, expected_calibration_error, fit_temperature
-
     # logits 4x too large: right ~70% of the time but ~99% sure
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, size=2000)
