@@ -72,14 +72,16 @@ def make_artifact(
     onnx: bool = False,
     calibrate_bn: bool = False,
     model: nn.Module | None = None,
+    card_fields: dict[str, Any] | None = None,
 ) -> Path:
     """A real artifact in ``directory``: ``model`` or a seeded random ``arch``, with an ONNX export
-    (as ``cxr-ray export`` writes it) when ``onnx``."""
+    (as ``cxr-ray export`` writes it) when ``onnx``. ``card_fields`` go into the card as they are
+    (``calibration``, ``ensemble``)."""
     classes = list(classes or CLASSES)
     if model is None:
         model = seeded_model(arch, classes, seed=seed, calibrate_bn_at=image_size if calibrate_bn else None)
     card = new_card(name=name, arch=arch, classes=classes, image_size=image_size, positive_class=positive_class,
-                    thresholds=dict(thresholds or {}))
+                    thresholds=dict(thresholds or {}), **(card_fields or {}))
     save_artifact(directory, model.eval(), card)
     if onnx:
         with torch_threads(1):

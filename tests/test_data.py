@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_ray.data.augment import AugmentConfig, RadiographAugment
+from cxr_ray.data.augment import AugmentConfig, RadiographAugment, mixing
 from cxr_ray.data.labelled import decode_batch, read_labelled
 from cxr_ray.data.splits import (
     FILE_PREFIX,
@@ -27,7 +27,7 @@ from cxr_ray.data.splits import (
 )
 from cxr_ray.errors import UsageError
 from cxr_ray.io.decode import decode_image
-from cxr_ray.preprocess import PreprocessConfig, preprocess
+from cxr_ray.preprocess import PreprocessConfig, preprocess, standardise
 from cxr_ray.synth import generate_archive
 
 PREPROCESSING = PreprocessConfig(image_size=32).to_dict()
@@ -123,7 +123,8 @@ def test_decode_batch_preprocesses_like_serving_and_reports_bad_files(archive):
         data = (root / labels["path"][i]).read_bytes()
         assert out["sha256"][i] == hashlib.sha256(data).hexdigest()
         reference = preprocess(decode_image(data, "x", target_size=32).pixels, PreprocessConfig(32))
-        np.testing.assert_array_equal(out["image"][i], reference)
+        # the cache holds the unit image; the one standardise turns it into the model input
+        np.testing.assert_array_equal(standardise(out["image"][i], PreprocessConfig(32)), reference)
 
 
 def test_missing_file_is_read_failed_not_an_exception(tmp_path):
@@ -242,36 +243,78 @@ def test_fingerprint_depends_on_content_and_label_not_order():
 # --------------------------------------------------------------------------- augmentation
 
 
-def _standardised(unit: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    return (unit - cfg.mean) / cfg.std
-
-
 def test_augmentation_keeps_shape_and_varies_per_image():
-    cfg = PreprocessConfig(32)
     torch.manual_seed(0)
     unit = torch.rand(1, 1, 32, 32).repeat(4, 1, 1, 1)
-    out = RadiographAugment(AugmentConfig(), cfg.mean, cfg.std)(_standardised(unit, cfg))
+    out = RadiographAugment(AugmentConfig())(unit)
     assert out.shape == (4, 1, 32, 32) and out.dtype == torch.float32
     assert not torch.allclose(out[0], out[1])  # each image draws its own parameters
-    back = out * cfg.std + cfg.mean
-    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5  # still a [0, 1] film
+    assert out.min() >= 0 and out.max() <= 1  # still a [0, 1] film
+    assert torch.equal(unit[0], unit[1])  # the input is left alone
 
 
 def test_no_horizontal_flip_by_default():
-    cfg = PreprocessConfig(32)
     unit = torch.zeros(64, 1, 32, 32)
     unit[..., :, 20:28] = 1.0  # a bright structure on the image's right (the heart side)
     torch.manual_seed(1)
-    out = RadiographAugment(AugmentConfig(), cfg.mean, cfg.std)(_standardised(unit, cfg)) * cfg.std + cfg.mean
+    out = RadiographAugment(AugmentConfig())(unit)
     right, left = out[..., 16:].sum(dim=(1, 2, 3)), out[..., :16].sum(dim=(1, 2, 3))
     assert bool((right > 4 * left).all())
-    flipped = RadiographAugment(AugmentConfig(hflip=True), cfg.mean, cfg.std)(_standardised(unit, cfg)) * cfg.std + cfg.mean
+    flipped = RadiographAugment(AugmentConfig(hflip=True))(unit)
     assert bool((flipped[..., :16].sum(dim=(1, 2, 3)) > flipped[..., 16:].sum(dim=(1, 2, 3))).any())
 
 
 def test_disabled_augmentation_is_the_identity():
-    x = torch.randn(3, 1, 16, 16)
-    assert torch.equal(RadiographAugment(AugmentConfig(enabled=False), 0.4, 0.2)(x), x)
+    x = torch.rand(3, 1, 16, 16)
+    assert torch.equal(RadiographAugment(AugmentConfig(enabled=False))(x), x)
+    still = AugmentConfig(crop_scale=(1.0, 1.0), rotation=0.0, translate=0.0, brightness=0.0, contrast=0.0)
+    assert torch.equal(RadiographAugment(still)(x), x)
+
+
+def test_crop_keeps_the_film_and_zoom_out_adds_a_black_border():
+    unit = torch.ones(32, 1, 48, 48)
+    inside = AugmentConfig(crop_scale=(0.5, 0.7), crop_ratio=(0.8, 1.25), rotation=0.0, translate=0.0,
+                           brightness=0.0, contrast=0.0)
+    torch.manual_seed(2)
+    assert torch.allclose(RadiographAugment(inside)(unit), unit)  # a crop inside a uniform film is that film
+    wider = AugmentConfig(crop_scale=(1.3, 1.4), rotation=0.0, translate=0.0, brightness=0.0, contrast=0.0)
+    border = RadiographAugment(wider)(unit)
+    film_share = border.mean(dim=(1, 2, 3))  # the film covers 1 / area of a zoomed-out view
+    assert bool(((film_share > 1 / 1.4 - 0.03) & (film_share < 1 / 1.3 + 0.03)).all()), film_share
+
+
+def test_gamma_and_contrast_change_exposure_not_geometry():
+    torch.manual_seed(3)
+    ramp = torch.linspace(0.05, 0.95, 40).repeat(40, 1)[None, None].repeat(8, 1, 1, 1)
+    config = AugmentConfig(crop_scale=(1.0, 1.0), rotation=0.0, translate=0.0, brightness=0.0, contrast=0.3,
+                           gamma=0.4)
+    out = RadiographAugment(config)(ramp)
+    assert not torch.allclose(out, ramp)
+    # monotone along the ramp: intensity maps never reorder pixels
+    assert bool((out[..., 1:] >= out[..., :-1] - 1e-6).all())
+
+
+def test_mixing_gives_soft_targets_that_sum_to_one():
+    torch.manual_seed(4)
+    mix = mixing(3, mixup=0.2, cutmix=1.0)
+    images, targets = mix(torch.rand(8, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert targets.shape == (8, 3) and torch.allclose(targets.sum(dim=1), torch.ones(8))
+    assert mixing(3, 0.0, 0.0) is None
+
+
+def test_standardise_is_one_rule_for_numpy_and_torch():
+    unit = np.random.default_rng(0).random((3, 1, 20, 20), dtype=np.float32)
+    for normalization in ("fixed", "per_image"):
+        config = PreprocessConfig(20, normalization=normalization)
+        from_numpy = standardise(unit, config)
+        from_torch = standardise(torch.from_numpy(unit), config).numpy()
+        np.testing.assert_allclose(from_numpy, from_torch, atol=1e-6)
+        np.testing.assert_allclose(preprocess(unit[1, 0], config), from_numpy[1], atol=1e-6)
+    per_image = standardise(unit, PreprocessConfig(20, normalization="per_image"))
+    np.testing.assert_allclose(per_image.mean(axis=(2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(per_image.std(axis=(2, 3)), 1, atol=1e-4)
+    blank = standardise(np.full((1, 8, 8), 0.5, np.float32), PreprocessConfig(8, normalization="per_image"))
+    assert np.isfinite(blank).all() and np.allclose(blank, 0)
 
 
 # --------------------------------------------------------------------------- the Ray Data pipeline

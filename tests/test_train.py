@@ -137,6 +137,7 @@ def test_artifact_round_trips_to_identical_outputs(trained):
 
 @pytest.mark.slow
 def test_evaluate_writes_the_report_of_its_predictions(trained, ray_cluster, tmp_path):
+    from cxr_ray.evaluate.calibration import expected_calibration_error
     from cxr_ray.evaluate.metrics import classification_report
     from cxr_ray.io.decode import decode_image
     from cxr_ray.preprocess import preprocess
@@ -148,7 +149,7 @@ def test_evaluate_writes_the_report_of_its_predictions(trained, ray_cluster, tmp
     manifest["label"] = manifest["label"].fillna("covid")
     manifest.to_csv(data / "labels.csv", index=False)
     code, summary, err = run_cli("evaluate", "--model", str(model_dir), "--data", str(data / "labels.csv"),
-                                 "--out", str(tmp_path / "eval"), "--n-bootstrap", "100")
+                                 "--out", str(tmp_path / "eval"), "--n-bootstrap", "100", "--group-by", "format")
     assert code == 0, err[-3000:]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
@@ -157,10 +158,33 @@ def test_evaluate_writes_the_report_of_its_predictions(trained, ray_cluster, tmp
 
     model, card = load_model(str(model_dir))
     probs = predictions[[f"prob_{c}" for c in card.classes]].to_numpy(np.float32)
-    expected = classification_report(predictions["label"].to_numpy(), probs, card.classes,
-                                     positive_class=card.positive_class, threshold=card.threshold,
-                                     n_bootstrap=100, seed=0)
-    assert written["report"] == json.loads(json.dumps(expected))
+    # the CIs resample PATIENTS: the manifest's patient ids are the bootstrap's clusters
+    patient_of = {str(data / p): pid for p, pid in zip(manifest["path"], manifest["patient_id"], strict=True)}
+    patients = predictions["path"].map(patient_of).to_numpy()
+    assert not pd.isna(patients).any()
+    labels = predictions["label"].to_numpy()
+    expected = classification_report(labels, probs, card.classes, positive_class=card.positive_class,
+                                     threshold=card.threshold, n_bootstrap=100, seed=0, groups=patients)
+    report = dict(written["report"])
+    calibration = report.pop("calibration")
+    assert report == json.loads(json.dumps(expected))
+    assert calibration["temperature"] == card.temperature
+    label_index = np.array([card.classes.index(name) for name in labels])
+    assert calibration["ece"] == pytest.approx(expected_calibration_error(probs, label_index), abs=1e-6)
+    assert (tmp_path / "eval" / "reliability.png").is_file()
+
+    # --group-by format: one report per value of that manifest column, on its own rows
+    formats = predictions["path"].map(dict(zip((str(data / p) for p in manifest["path"]), manifest["format"],
+                                               strict=True))).to_numpy()
+    assert set(written["by_group"]["format"]) == set(formats) == {"png", "dicom"}
+    for value, figures in written["by_group"]["format"].items():
+        mask = formats == value
+        alone = classification_report(labels[mask], probs[mask], card.classes, positive_class=card.positive_class,
+                                      threshold=card.threshold, n_bootstrap=100, seed=0, groups=patients[mask])
+        assert figures["n"] == int(mask.sum()) and figures["patients"] == len(set(patients[mask]))
+        assert figures["accuracy"] == pytest.approx(alone["accuracy"])
+        assert figures["ci95"] == json.loads(json.dumps(alone["ci95"]))
+        assert figures["binary"] == json.loads(json.dumps(alone["binary"]))
     assert written["model"]["threshold"] == card.threshold
     assert (tmp_path / "eval" / "roc.png").is_file() and (tmp_path / "eval" / "confusion.png").is_file()
     assert "heatmaps.png" in summary["files"] and written["heatmaps"]["per_class"] == {c: 2 for c in card.classes}
@@ -173,7 +197,7 @@ def test_evaluate_writes_the_report_of_its_predictions(trained, ray_cluster, tmp
                        for p in predictions["path"]])
     with torch.no_grad():
         direct = torch.softmax(model(torch.from_numpy(images)), dim=1).numpy()
-    np.testing.assert_allclose(probs, direct, atol=1e-5)
+    np.testing.assert_allclose(probs, card.calibrate(direct), atol=1e-5)  # calibrated as every surface reports
 
 
 @pytest.mark.slow
@@ -212,11 +236,20 @@ def test_cv_is_interrupted_then_resumed_without_repeating_epochs(ray_cluster, tm
     assert sum(p["images"] for p in partitions.values()) == summary["data"]["used"]
     final = cv["final_model"]
     assert final["images"] == partitions["fold0"]["images"] + partitions["fold1"]["images"]
-    assert final["epochs"] >= 1 and "non-test" in final["trained_on"]
     assert summary["test"]["n"] == partitions["test"]["images"]
     model, card = load_model(str(out))
     assert card.metrics["cv"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
-    assert os.path.isdir(storage / f"{card.training['run']['run_name']}")
+    # the small-data recipe (the default for --mode scratch) keeps the fold models: one ensemble artifact
+    assert card.training["config"]["recipe"] == "small-data" and card.training["config"]["final"] == "ensemble"
+    assert card.ensemble["members"] == 2 and len(card.ensemble["temperatures"]) == 2
+    assert card.calibration["per_fold"] == card.ensemble["temperatures"] and card.temperature == 1.0
+    assert final["epochs"] == [2, 2] and "fold models" in final["trained_on"]
+    assert len(model.members) == 2
+    for fold in cv["folds"]:
+        assert os.path.isdir(storage / fold["run"]["run_name"])
+    # the papers' table: a row per fold, then mean and std
+    table = pd.read_csv(out / "cv_table.csv")
+    assert len(table) >= 2 and (out / "cv_table.md").read_text().count("\n") >= 4
 
 
 def test_a_heatmap_grid_that_cannot_be_drawn_is_a_warning_not_a_failure(tmp_path, caplog):
@@ -299,3 +332,23 @@ def test_the_card_keeps_a_drift_fingerprint_of_the_validation_split(trained):
     assert headers["format"] == {"png": val_images}  # the phantoms are PNGs of 64 px: no DICOM header
     assert headers["modality"] == {"(none)": val_images} and headers["size_band"] == {"<1024": val_images}
     assert sum(headers["photometric_interpretation"].values()) == val_images
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 15's acceptance bar, not met yet: with the small-data recipe (batch 32 = 48 steps in 12 epochs) "
+    "mobilenet_v2 reached 0.29 held-out (resnet18: 0.90); the best variants measured (batch 8, AdamW lr 1e-2-2e-2, "
+    "lighter or no augmentation) reached 0.61-0.78. Precise BN is already on (eval-mode training accuracy was "
+    "1.00 without augmentation), so stale BatchNorm statistics are not the cause: it is generalisation."))
+def test_the_default_recipe_learns_the_phantoms_with_mobilenet_from_scratch(ray_cluster, tmp_path):
+    """The issue's bar: mobilenet_v2 from scratch at 96 px, 240 phantoms, 12 epochs, held-out accuracy >= 0.9,
+    with nothing but the architecture, size and epochs given (the recipe decides the rest)."""
+    data = tmp_path / "data"
+    generate_archive(str(data), n=240, formats=("png",), seed=5, size=128)
+    code, summary, err = run_cli(
+        "train", "--data", str(data / "labels.csv"), "--arch", "mobilenet_v2", "--mode", "scratch", "--epochs", "12",
+        "--image-size", "96", "--out", str(tmp_path / "model"), "--storage-path", str(tmp_path / "runs"),
+        "--n-bootstrap", "0", "--quiet",
+    )
+    assert code == 0, err[-3000:]
+    assert summary["test"]["n"] >= 40  # held-out PATIENTS' images
+    assert summary["test"]["accuracy"] >= 0.9, summary["test"]

@@ -51,10 +51,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def number_pair(text: str) -> list[float]:
+    """``MIN,MAX`` as two floats (an argparse type)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two numbers), got {text!r}") from None
+    return [low, high]
+
+
 MEBIBYTE = 1024 * 1024
 # Named flag types a field's metadata may ask for: (argparse type, flag value -> field value, field -> flag default).
 FLAG_TYPES: dict[str, tuple[Callable[[str], Any], Callable[[Any], Any], Callable[[Any], Any]]] = {
     "actors": (parse_actors, lambda v: v, lambda v: v),
+    "pair": (number_pair, lambda v: v, lambda v: v),
     "mebibytes": (float, lambda mb: None if mb is None else int(mb * MEBIBYTE),
                   lambda b: None if b is None else b / MEBIBYTE),
 }

@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
         "--precision", default="auto", choices=PRECISION_NAMES,
         help="auto: fp16 on GPUs, fp32 on CPUs; bf16: opt-in on CPUs with AVX512-BF16 / AMX (torch, checked vs fp32)",
     )
+    parser.add_argument("--tta", type=int, default=1, metavar="N",
+                        help="test-time augmentation: mean over N fixed views per image (default 1 = off)")
     parser.add_argument(
         "--decode", default="auto", choices=DECODE_MODES,
         help="where requests are decoded: gpu (nvImageCodec on the model's GPU, fused topology; inputs it cannot "
@@ -85,6 +87,7 @@ def build_args(args: argparse.Namespace):
             model=args.model,
             backend=args.backend,
             precision=args.precision,
+            tta=args.tta,
             device=args.device,
             decode=args.decode,
             s3_endpoint=args.s3_endpoint,

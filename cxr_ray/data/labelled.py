@@ -12,10 +12,13 @@ Two layouts are accepted, local or on s3://:
 :func:`decode_batch` is the per-batch function the training pipeline maps
 over the table (Ray Data ``map_batches`` in :mod:`cxr_ray.train.ingest`): it
 reads, hashes (duplicate detection, data fingerprint) and decodes each file
-through :func:`cxr_ray.io.inputs.load_input` and applies the one
-:func:`cxr_ray.preprocess.preprocess`, so a training tensor is exactly what
-screening and serving feed the same model. Undecodable files are returned
-with ``status="error"`` and their decode error code, never raised.
+through :func:`cxr_ray.io.inputs.load_input` and resizes it with the first
+step of :func:`cxr_ray.preprocess.preprocess` (:func:`~cxr_ray.preprocess.resize_square`):
+the cache holds *unit* images in [0, 1], which training augments and then
+standardises with the second step (:func:`~cxr_ray.preprocess.standardise`),
+so an evaluation tensor is exactly what screening and serving feed the same
+model. Undecodable files are returned with ``status="error"`` and their
+decode error code, never raised.
 
 Plain Python: no Ray here.
 """
@@ -33,7 +36,7 @@ from cxr_ray.errors import DecodeError, UsageError
 from cxr_ray.io.inputs import InputPolicy, load_input
 from cxr_ray.io.pseudonym import key_from_env
 from cxr_ray.io.storage import InputNotFoundError, expand_inputs, get_filesystem, is_remote
-from cxr_ray.preprocess import PreprocessConfig, preprocess
+from cxr_ray.preprocess import PreprocessConfig, resize_square
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 # Key for the in-memory DICOM patient pseudonyms used only to group images by
@@ -55,17 +58,21 @@ def is_manifest(spec: str) -> bool:
     return str(spec).lower().endswith(MANIFEST_SUFFIXES)
 
 
-def read_labelled(spec: str, *, s3_endpoint: str | None = None, classes: list[str] | None = None) -> LabelledSource:
+def read_labelled(spec: str, *, s3_endpoint: str | None = None, classes: list[str] | None = None,
+                  keep_columns: list[str] | None = None) -> LabelledSource:
     """List a labelled set (folder tree or manifest). No file is opened except the manifest.
 
     ``classes`` fixes the label list and its order (e.g. the classes of a model
     being evaluated); rows with other labels are dropped and counted. Without
-    it the classes are the sorted distinct labels.
+    it the classes are the sorted distinct labels. ``keep_columns``: further
+    manifest columns to carry along as text (e.g. ``source`` for per-group reports).
     """
     spec = os.fspath(spec)
     if is_manifest(spec):
-        frame, report = _read_manifest(spec, s3_endpoint)
+        frame, report = _read_manifest(spec, s3_endpoint, keep_columns or [])
         layout = "manifest"
+    elif keep_columns:
+        raise UsageError(f"{spec}: columns {keep_columns} need a .csv/.parquet manifest, not a folder tree")
     else:
         frame, report = _read_folders(spec, s3_endpoint)
         layout = "folders"
@@ -113,7 +120,7 @@ def _read_folders(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dic
     return frame, report
 
 
-def _read_manifest(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, dict]:
+def _read_manifest(spec: str, s3_endpoint: str | None, keep_columns: list[str]) -> tuple[pd.DataFrame, dict]:
     fs, path = get_filesystem(spec, s3_endpoint)
     try:
         with fs.open(path, "rb") as handle:
@@ -133,6 +140,11 @@ def _read_manifest(spec: str, s3_endpoint: str | None) -> tuple[pd.DataFrame, di
     base = posixpath.dirname(spec) if remote else os.path.dirname(path)
     resolved = [_resolve(entry, base, remote) for entry in path_col[~blank]]
     frame = pd.DataFrame({"path": resolved, "label": label_col[~blank].to_numpy(), "patient_id": patient[~blank].to_numpy()})
+    absent = [c for c in keep_columns if c not in table.columns]
+    if absent:
+        raise UsageError(f"manifest {spec} has no column(s) {absent}; its columns are {list(table.columns)}")
+    for column in keep_columns:
+        frame[column] = _text(table[column])[~blank].to_numpy()
     report = {"source": spec, "manifest_rows": int(len(table))}
     if blank.any():
         report["rows_without_path_or_label"] = int(blank.sum())
@@ -185,12 +197,12 @@ def decode_batch(
     s3_endpoint: str | None = None,
     pseudonym_key: bytes | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read, hash, decode and preprocess a batch of ``{"row_id", "path", "label"}``.
+    """Read, hash, decode and resize a batch of ``{"row_id", "path", "label"}``.
 
     Returns ``row_id``, ``label``, ``sha256``, ``status`` ("ok" | "error"),
     ``error_code``, ``patient_pseudonym``, ``view``, the :data:`HEADER_KEYS`
-    (the header mix of the model's drift fingerprint) and ``image`` (float32
-    (n, 1, S, S); zeros where ``status`` is "error").
+    (the header mix of the model's drift fingerprint) and ``image`` (the unit
+    image, float32 (n, 1, S, S) in [0, 1]; zeros where ``status`` is "error").
     """
     config = PreprocessConfig.from_dict(preprocessing)
     size = config.image_size
@@ -208,7 +220,7 @@ def decode_batch(
             status[i], code[i] = "error", exc.code
             continue
         sha[i] = loaded.sha256 or ""
-        images[i] = preprocess(loaded.image.pixels, config)
+        images[i, 0] = resize_square(loaded.image.pixels, size)
         status[i] = "ok"
         pseudonym[i] = loaded.image.meta.patient_pseudonym or ""
         view[i] = loaded.image.meta.view_position or ""

@@ -53,6 +53,7 @@ from cxr_ray.engines.registry import (
     get_engine,
 )
 from cxr_ray.engines.request import EngineRequest
+from cxr_ray.engines.tta import TTABackend, check_views
 from cxr_ray.errors import BackendUnavailableError, UsageError
 from cxr_ray.models.artifact import load_card, localize
 from cxr_ray.models.card import ModelCard
@@ -124,7 +125,7 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     """Build the engine ``name`` for the artifact at ``artifact_uri``.
 
     ``request`` (or its fields as keyword arguments: ``device``, ``precision``,
-    ``num_threads``, ``s3_endpoint``, ``max_batch``, ``compile``) says how to
+    ``num_threads``, ``s3_endpoint``, ``max_batch``, ``compile``, ``tta``) says how to
     run it; see :class:`~cxr_ray.engines.request.EngineRequest`.
     """
     request = replace(request or EngineRequest(), **options)  # type: ignore[arg-type]
@@ -133,11 +134,14 @@ def load_backend(artifact_uri: str, name: str = AUTO, request: EngineRequest | N
     if name == AUTO and request.device is None:  # where auto decided to run it, said to the engine
         request = replace(request, device="cuda" if cuda_visible() else "cpu")
     request = replace(request, auto=name == AUTO)
+    check_views(request.tta)
     root = localize(artifact_uri, request.s3_endpoint)
     card = load_card(str(root))
     if name != AUTO:
-        return _provisioner(engine)(root, card, request)
-    return _first_that_loads(auto_engines(request.device, request.precision), root, card, request)
+        backend = _provisioner(engine)(root, card, request)
+    else:
+        backend = _first_that_loads(auto_engines(request.device, request.precision), root, card, request)
+    return TTABackend(backend, request.tta) if request.tta > 1 else backend
 
 
 def _first_that_loads(names: list[str], root: Path, card: ModelCard, request: EngineRequest) -> Backend:

@@ -23,6 +23,7 @@ class EngineRequest:
     check; ``max_prob_diff`` replaces the engine's tolerance (tighter for a site that validated fp32).
     ``calibration`` / ``calibration_images``: the images an int8 engine is calibrated on (manifest,
     directory or glob; a seeded sample), as for TensorRT int8.
+    ``tta``: the mean over that many fixed views per image.
     """
 
     device: str | None = None
@@ -37,5 +38,6 @@ class EngineRequest:
     max_prob_diff: float | None = None
     calibration: str | None = None
     calibration_images: int = 512
+    tta: int = 1  # test-time augmentation views per image (1 = off; see cxr_ray.engines.tta)
     # True when the caller asked for "auto" (load_backend has then filled in the device auto chose).
     auto: bool = False

@@ -7,9 +7,11 @@ modern neural networks") divides the logits by one scalar ``T`` fitted on
 VALIDATION data by minimising the negative log-likelihood. It keeps the
 arg-max (so accuracy and AUC are unchanged) and only moves the confidence.
 
-The fitted ``T`` goes into ``model.json`` (``calibration``) and is baked into
-the inference network every engine runs (:class:`cxr_ray.models.inference.InferenceNet`),
-so screen, serve and evaluate give the same calibrated probabilities.
+The fitted ``T`` goes into ``model.json`` (``calibration``) and
+:meth:`cxr_ray.models.card.ModelCard.decide` applies it
+(:func:`cxr_ray.models.calibration.temperature_scale`) to every engine's
+output, so screen, serve and evaluate give the same calibrated probabilities;
+a fold ensemble applies each member's temperature inside its graph.
 
 ECE follows Guo et al.: top-label confidence in ``n_bins`` equal-width bins,
 ``sum_b |acc_b - conf_b| * n_b / n``. Plain numpy/scipy, no torch.
@@ -28,11 +30,11 @@ _LOG_T_BOUNDS = (-3.0, 3.0)
 
 def logits_from_probs(probs: np.ndarray) -> np.ndarray:
     """Logits (up to a per-row constant, which softmax ignores) of probabilities."""
-    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0))
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, 1.0))
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities ``softmax(logits / T)``."""
+    """Calibrated probabilities ``softmax(logits / T)`` (of probabilities: ``temperature_scale``)."""
     return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=1)
 
 
@@ -94,12 +96,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return reliability(probs, labels, n_bins)["ece"]
 
 
-def calibration_record(val_logits: np.ndarray, val_labels: np.ndarray) -> dict:
-    """Fit ``T`` on validation logits; the ``calibration`` record of ``model.json``.
+def calibration_record(val_probs: np.ndarray, val_labels: np.ndarray) -> dict:
+    """Fit ``T`` on validation probabilities (their logits); the ``calibration`` record of ``model.json``.
 
     Holds the temperature and the validation ECE before and after, so a
     reader of the card sees what calibration changed on the data it was fitted on.
     """
+    val_logits = logits_from_probs(val_probs)
     temperature = fit_temperature(val_logits, val_labels)
     return {
         "method": "temperature",

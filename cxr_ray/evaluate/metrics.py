@@ -89,7 +89,7 @@ def classification_report(
     threshold: float | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
-    groups: Sequence | None = None,
+    groups: Sequence | np.ndarray | None = None,
 ) -> dict:
     """Multi-class (and optional positive-vs-rest) metrics of ``probs`` (n, K) against ``y_true``.
 
@@ -228,7 +228,7 @@ def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray)
         return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
 
 
-def _group_codes(groups: Sequence, n: int) -> np.ndarray:
+def _group_codes(groups: Sequence | np.ndarray, n: int) -> np.ndarray:
     """Cluster index 0..G-1 of every case, numbered in order of first appearance.
 
     That order makes the cluster bootstrap draw exactly what the case

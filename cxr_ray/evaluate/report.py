@@ -24,7 +24,7 @@ import pandas as pd
 from torch import nn
 
 from cxr_ray.errors import DecodeError
-from cxr_ray.evaluate.plots import plot_confusion, plot_roc, plot_training_curves
+from cxr_ray.evaluate.plots import plot_confusion, plot_reliability, plot_roc, plot_training_curves
 from cxr_ray.explain.grid import heatmap_grid
 from cxr_ray.io.inputs import InputPolicy, load_input
 from cxr_ray.io.storage import get_filesystem, is_remote
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 HEATMAP_GRID_FILE = "heatmaps.png"
+RELIABILITY_FILE = "reliability.png"
 HEATMAPS_PER_CLASS = 2  # a handful of images: Grad-CAM costs a backward pass each
 GRID_DECODE_SIZE = 512  # decode hint for grid images: a figure cell is ~260 px wide
 HEADLINE_METRICS = (
@@ -162,6 +163,8 @@ class ReportFigures:
     probs: np.ndarray | None = None
     confusion: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # reliability diagrams: {"before calibration": reliability record, "after": ...}
+    reliability: dict[str, dict[str, Any]] | None = None
 
 
 def write_report(
@@ -173,10 +176,12 @@ def write_report(
     figures: ReportFigures,
     heatmap_samples: tuple[str, list[tuple[str, str]]] | None = None,
     extra_files: dict[str, dict[str, Any]] | None = None,
+    text_files: dict[str, str] | None = None,
     s3_endpoint: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """``metrics.json`` (``metrics_doc`` plus the heatmap record), extra JSON files, the plots and
-    ``heatmaps.png`` in ``local``; returns the document written and the file names, in order.
+    """``metrics.json`` (``metrics_doc`` plus the heatmap record), extra JSON and text files (the
+    CV tables), the plots and ``heatmaps.png`` in ``local``; returns the document written and the
+    file names, in order.
 
     ``heatmap_samples``: ``(what they are, [(path, class), ...])``; when the grid cannot be
     drawn, ``metrics.json["heatmaps"]["error"]`` says why and the report is still written.
@@ -191,6 +196,10 @@ def write_report(
     for filename, content in (extra_files or {}).items():
         write_json(os.path.join(local, filename), content)
         files.append(filename)
+    for filename, text in (text_files or {}).items():
+        with open(os.path.join(local, filename), "w") as handle:
+            handle.write(text)
+        files.append(filename)
     files += _write_plots(local, card.classes, figures)
     if "error" not in doc.get("heatmaps", {"error": None}):
         files.append(HEATMAP_GRID_FILE)
@@ -204,4 +213,6 @@ def _write_plots(local: str, classes: list[str], figures: ReportFigures) -> list
     if figures.labels is not None and figures.probs is not None and len(figures.labels) and figures.confusion is not None:
         files.append(os.path.basename(plot_roc(figures.labels, figures.probs, classes, os.path.join(local, "roc.png"))))
         files.append(os.path.basename(plot_confusion(figures.confusion, classes, os.path.join(local, "confusion.png"))))
+    if figures.reliability:
+        files.append(os.path.basename(plot_reliability(figures.reliability, os.path.join(local, RELIABILITY_FILE))))
     return files

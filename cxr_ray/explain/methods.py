@@ -76,6 +76,7 @@ from cxr_ray.errors import UsageError
 from cxr_ray.explain.captum_models import attach_lrp_rules, explainable_copy
 from cxr_ray.models.build import get_submodule
 from cxr_ray.models.card import ModelCard
+from cxr_ray.models.ensemble import FoldEnsemble
 from cxr_ray.models.registry import EXPLAIN_METHODS, get_arch, list_archs
 from cxr_ray.preprocess import preprocess
 
@@ -170,11 +171,16 @@ class Explainer:
         self.card = card
         self.method = method
         self.config = card.preprocess_config
-        self.net = explainable_copy(model, card.arch, method)
+        # A fold ensemble is explained member by member (each its own copy); the maps are averaged.
+        members = list(model.members) if isinstance(model, FoldEnsemble) else [model]
+        self.nets = [explainable_copy(member, card.arch, method) for member in members]
+        self.net = self.nets[0]
+        self._scorer = model if isinstance(model, FoldEnsemble) else self.net  # the probabilities explained
         self.device = next(self.net.parameters()).device
         self.layer = layer or default_layer(card.arch, method)
         try:
-            self._layer_module = get_submodule(self.net, self.layer)
+            self._layer_modules = [get_submodule(net, self.layer) for net in self.nets]
+            self._layer_module = self._layer_modules[0]
         except AttributeError:
             names = [n for n, m in self.net.named_modules() if n and isinstance(m, nn.Conv2d)][:8]
             raise UnknownLayerError(
@@ -217,13 +223,18 @@ class Explainer:
             x = torch.from_numpy(preprocess(pixels, self.config))[None].to(self.device)
             x.requires_grad_(True)
             with torch.no_grad():
-                probs = torch.softmax(self.net(x), dim=1)[0].double().cpu().numpy()
+                probs = torch.softmax(self._scorer(x), dim=1)[0].double().cpu().numpy()
             index = self.resolve_target(target, probs)
-            raw = self._gradcam(x, index) if self.method == "gradcam" else self._lrp(x, index)
-            heat = LayerAttribution.interpolate(raw.detach().float(), (height, width), "bilinear")
+            maps = []
+            for net, layer_module in zip(self.nets, self._layer_modules, strict=True):
+                raw = self._gradcam(net, layer_module, x, index) if self.method == "gradcam" else \
+                    self._lrp(net, layer_module, x, index)
+                heat = LayerAttribution.interpolate(raw.detach().float(), (height, width), "bilinear")
+                maps.append(torch.from_numpy(_normalise(heat))[None, None])
         classes = self.card.classes
         return Explanation(
-            heatmap=_normalise(heat),
+            # each member's map scaled to [0, 1] first, so no member dominates by its activation scale
+            heatmap=_normalise(torch.stack(maps).mean(dim=0)),
             target_class=classes[index],
             target_index=index,
             score=float(probs[index]),
@@ -232,12 +243,14 @@ class Explainer:
             layer=self.layer,
         )
 
-    def _gradcam(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        return LayerGradCam(self.net, self._layer_module).attribute(x, target=index, relu_attributions=True)
+    @staticmethod
+    def _gradcam(net: nn.Module, layer: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
+        return LayerGradCam(net, layer).attribute(x, target=index, relu_attributions=True)
 
-    def _lrp(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        attach_lrp_rules(self.net)
-        relevance = LayerLRP(self.net, self._layer_module).attribute(x, target=index)
+    @staticmethod
+    def _lrp(net: nn.Module, layer: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
+        attach_lrp_rules(net)
+        relevance = LayerLRP(net, layer).attribute(x, target=index)
         return relevance.sum(dim=1, keepdim=True)  # relevance per position, over the channels
 
 

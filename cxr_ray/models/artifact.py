@@ -8,7 +8,7 @@ Layout::
     engines/            optional TensorRT plans, each recorded in model.json with its sha256
 
 ``version`` is a content hash of the weights and of everything in the card that
-changes what the model outputs (arch, classes, preprocessing, thresholds), so
+changes what the model outputs (arch, classes, preprocessing, thresholds, calibration, ensembling), so
 two artifacts with the same version screen identically.
 """
 
@@ -27,8 +27,8 @@ from torch import nn
 
 from cxr_ray.errors import ArtifactError
 from cxr_ray.io.storage import get_filesystem
-from cxr_ray.models.build import build_model
 from cxr_ray.models.card import ModelCard
+from cxr_ray.models.ensemble import build_network
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -52,6 +52,10 @@ def _content_version(weights_path: Path, card: ModelCard) -> str:
         "preprocessing": card.preprocessing,
         "thresholds": card.thresholds,
     }
+    # calibration and ensembling change the probabilities; older cards hash as before
+    for key in ("calibration", "ensemble"):
+        if getattr(card, key):
+            behaviour[key] = getattr(card, key)
     digest = hashlib.sha256(sha256_file(weights_path).encode())
     digest.update(json.dumps(behaviour, sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -143,6 +147,18 @@ def verify_artifact(uri: str, s3_endpoint: str | None = None) -> ModelCard:
     return card
 
 
+def network_for(card: ModelCard) -> nn.Module:
+    """A randomly initialised network of the card's shape: one model, or a fold ensemble of them."""
+    return build_network(card.arch, len(card.classes), ensemble_temperatures(card))
+
+
+def ensemble_temperatures(card: ModelCard) -> list[float] | None:
+    """The members' temperatures of a fold-ensemble card (None for one model)."""
+    if not card.ensemble:
+        return None
+    return [float(t) for t in card.ensemble.get("temperatures") or [1.0] * int(card.ensemble["members"])]
+
+
 def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[nn.Module, ModelCard]:
     """Rebuild the network from the registry and load its safetensors weights (eval mode, CPU)."""
     path = localize(uri, s3_endpoint)
@@ -150,7 +166,7 @@ def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[nn.Module, Mod
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{uri}: {WEIGHTS_FILE} is missing")
-    model = build_model(card.arch, len(card.classes))
+    model = network_for(card)
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as exc:

@@ -3,9 +3,11 @@
 ``ModelCard.decide(probs)`` is THE rule from class probabilities to a decision
 (predicted label, positive-class score, flagged): screening rows, HTTP answers
 and evaluation predictions all call it, so the three surfaces can never
-disagree. Temperature calibration, when it lands, goes into
-:meth:`ModelCard.calibrate`, which ``decide`` applies first; callers write out
-``Decisions.probabilities`` (the calibrated ones), never their own input.
+disagree. Temperature calibration (fitted on validation data at training
+time) is :meth:`ModelCard.calibrate`, which ``decide`` applies first; callers
+write out ``Decisions.probabilities`` (the calibrated ones), never their own
+input. A fold ensemble calibrates each member inside its graph
+(:class:`cxr_ray.models.ensemble.FoldEnsemble`), so its card temperature is 1.
 
 The TypedDicts name the parts of ``model.json`` that other modules read.
 """
@@ -19,6 +21,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from cxr_ray.errors import ArtifactError
+from cxr_ray.models.calibration import temperature_scale
 from cxr_ray.models.registry import get_arch
 from cxr_ray.preprocess import PreprocessConfig
 
@@ -26,10 +29,32 @@ SCHEMA_VERSION = 1
 DEFAULT_THRESHOLD = 0.5  # when no operating point was chosen on validation data
 
 
-class PreprocessingRecord(TypedDict):
+class _PreprocessingBase(TypedDict):
     image_size: int
     mean: float
     std: float
+
+
+class PreprocessingRecord(_PreprocessingBase, total=False):
+    normalization: str  # "fixed" (absent in older cards) | "per_image"
+
+
+class CalibrationRecord(TypedDict, total=False):
+    method: str  # "temperature"
+    temperature: float  # applied by ModelCard.calibrate (1.0 for ensembles: members are calibrated inside)
+    fitted_on: str
+    n: int
+    val_ece_before: float
+    val_ece_after: float
+    ece_bins: int
+    per_fold: list[float]  # ensembles: each member's temperature (inside the graph)
+
+
+class EnsembleRecord(TypedDict, total=False):
+    members: int  # the artifact's network is the mean of this many fold models' calibrated probabilities
+    temperatures: list[float]
+    combine: str  # "mean of calibrated member probabilities"
+    trained_on: str
 
 
 class ThresholdsRecord(TypedDict, total=False):
@@ -107,6 +132,9 @@ class ModelCard:
     schema_version: int = SCHEMA_VERSION
     onnx: OnnxRecord | None = None
     engines: list[EngineRecord] = field(default_factory=list)
+    calibration: CalibrationRecord | None = None
+    ensemble: EnsembleRecord | None = None
+    reference: dict[str, Any] | None = None  # training-data fingerprint for drift checks (validation data)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -125,10 +153,21 @@ class ModelCard:
     def positive_index(self) -> int | None:
         return self.classes.index(self.positive_class) if self.positive_class in self.classes else None
 
+    @property
+    def temperature(self) -> float:
+        """The card-level calibration temperature (1.0: none, or applied inside an ensemble's graph)."""
+        record = self.calibration or {}
+        return float(record.get("temperature", 1.0)) if record.get("method") == "temperature" else 1.0
+
     # ------------------------------------------------------------------ the decision rule
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
-        """The probabilities every output reports. Identity until a calibration is fitted."""
-        return probs
+        """The probabilities every output reports: ``softmax(log(p) / T)`` (= softmax(logits / T)).
+
+        Engines output softmax probabilities; ``log p`` differs from the logits by
+        a per-row constant, which softmax ignores, so scaling here equals scaling
+        the logits. NaN rows (inputs that never reached the model) stay NaN.
+        """
+        return temperature_scale(probs, self.temperature)
 
     def decide(self, probs: np.ndarray) -> Decisions:
         """Probabilities (N, K) -> predicted label, positive-class score and ``score >= threshold``.
@@ -173,6 +212,7 @@ def new_card(
     classes: list[str],
     image_size: int | None = None,
     positive_class: str | None = None,
+    normalization: str = "fixed",
     **fields: Any,
 ) -> ModelCard:
     """A card whose preprocessing is derived from the architecture (never re-typed by callers)."""
@@ -182,8 +222,10 @@ def new_card(
         raise ValueError(f"{arch} needs image_size >= {spec.min_image_size}, got {size}")
     if positive_class is not None and positive_class not in classes:
         raise ValueError(f"positive class {positive_class!r} is not one of {classes}")
-    config = PreprocessConfig(image_size=size, mean=spec.grey_mean, std=spec.grey_std)
+    config = PreprocessConfig(image_size=size, mean=spec.grey_mean, std=spec.grey_std, normalization=normalization)
     preprocessing = PreprocessingRecord(image_size=config.image_size, mean=config.mean, std=config.std)
+    if normalization != "fixed":  # older readers and versions: "fixed" is what an absent key means
+        preprocessing["normalization"] = normalization
     return ModelCard(
         name=name, arch=arch, classes=list(classes), preprocessing=preprocessing, positive_class=positive_class, **fields
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES, check_precision
+from cxr_ray.engines.tta import check_views
 from cxr_ray.errors import UsageError
 from cxr_ray.io.gpu.mode import DECODE_MODES, check_decode_mode
 from cxr_ray.io.types import DecodePolicy
@@ -67,6 +68,9 @@ class ScreenConfig:
         "(torch backend, about 1.5x the fp32 ONNX Runtime speed for DenseNet-121, checked against fp32 at load)",
         choices=PRECISION_NAMES))
     batch_size: int = field(default=32, metadata=_flag("images per predict call"))
+    tta: int = field(default=1, metadata=_flag(
+        "test-time augmentation: mean probability over N fixed views per image (1 = off; N model passes)",
+        metavar="N"))
     actors: tuple[int, int] | None = field(default=None, metadata=_flag(
         "predict actor pool size (default: 1,<GPUs> on GPU clusters; N,N with N = CPUs on CPU-only ones)",
         metavar="MIN,MAX", type="actors"))
@@ -141,4 +145,5 @@ class ScreenConfig:
         if self.progress_format not in PROGRESS_FORMATS:
             raise UsageError(f"progress_format must be one of {', '.join(PROGRESS_FORMATS)}, got {self.progress_format!r}")
         check_precision(self.precision)
+        check_views(self.tta)
         check_decode_mode(self.decode)

@@ -196,6 +196,7 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
             "run_id": shared.run_id,
             "device": None if plan.gpus_per_actor > 0 else "cpu",  # None: the GPU Ray assigned
             "precision": config.precision,
+            "tta": config.tta,
             "num_threads": plan.threads_per_actor,
             "s3_endpoint": config.s3_endpoint,
             "decode": decode_kwargs if plan.decode_in_actors else None,

@@ -145,6 +145,7 @@ class Predictor:
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
         decode: dict | None = None,
+        tta: int = 1,
         decode_on: str = "cpu",
     ) -> None:
         """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
@@ -155,7 +156,8 @@ class Predictor:
         self.card = load_card(artifact, s3_endpoint)
         # "auto" on a GPU actor is the registry's GPU order (TensorRT, ..., torch on CUDA), never the CPU's.
         self.backend = load_backend(
-            artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint
+            artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint,
+            tta=tta,
         )
         self.run_id = run_id
         self.image_size = self.card.image_size

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from cxr_ray.engines.tta import MAX_VIEWS
 from cxr_ray.io.types import DecodePolicy
 
 # The registry's names (cxr_ray.engines.registry.BACKEND_NAMES; a test holds them equal).
@@ -115,6 +116,7 @@ class ServeArgs(BaseModel):
     precision: PrecisionName = "auto"
     device: str | None = None  # e.g. "cuda:0"; None = backend's choice
     num_threads: PositiveInt | None = None  # intra-op threads of the backend
+    tta: int = Field(1, ge=1, le=MAX_VIEWS)  # test-time augmentation views per image (cxr_ray.engines.tta)
     s3_endpoint: str | None = None
     # Name of an environment variable holding the API key; the key itself never
     # appears in the config. None = no key required.

@@ -55,7 +55,7 @@ class CxrPredictor:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model")
         self.backend = self._model_thread.submit(
             load_backend, self.artifact, self.args.backend, device=self.args.device,
-            precision=self.args.precision, num_threads=self.args.num_threads,
+            precision=self.args.precision, num_threads=self.args.num_threads, tta=self.args.tta,
         ).result()
         self._torch_model: nn.Module | None = None
         self._explainers: dict[str, Any] = {}

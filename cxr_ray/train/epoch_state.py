@@ -76,11 +76,12 @@ class EpochState:
         self.history.append(row)
 
     def save(self, directory: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-             fingerprint: str) -> None:
+             fingerprint: str, ema: nn.Module | None = None) -> None:
         names = ("epoch", "best", "best_epoch", "bad_epochs", "stopped", "history", "attempt", "best_model")
         state = {name: getattr(self, name) for name in names}
         torch.save(
             {**state, "model": cpu_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "fingerprint": fingerprint},
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "fingerprint": fingerprint,
+             "ema": None if ema is None else cpu_state(ema)},
             os.path.join(directory, STATE_FILE),
         )

@@ -31,7 +31,7 @@ from cxr_ray.data.augment import AugmentConfig
 from cxr_ray.data.splits import class_weights
 from cxr_ray.errors import CxrRayError, UsageError
 from cxr_ray.io.storage import get_filesystem, is_remote, to_pyarrow_filesystem
-from cxr_ray.train.config import TrainConfig
+from cxr_ray.train.config import TrainConfig, settled
 from cxr_ray.train.epoch_state import load_state
 from cxr_ray.train.ingest import subset
 from cxr_ray.train.loop import train_loop_per_worker
@@ -57,6 +57,7 @@ class FitOutcome:
     storage_path: str
     seconds: float
     monitor: str
+    warning: str | None = None
 
     def record(self) -> dict[str, Any]:
         """What reports say about the run."""
@@ -69,6 +70,7 @@ class FitOutcome:
             "resumed": self.resumed,
             "monitor": self.monitor,
             "seconds": self.seconds,
+            **({"warning": self.warning} if self.warning else {}),
         }
 
 
@@ -113,11 +115,20 @@ def _auc_defined(labels: np.ndarray, prep: Prepared) -> bool:
     return any(0 < (labels == c).sum() < len(labels) for c in range(len(prep.classes)))
 
 
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The augmentation a (resolved) config asks for."""
+    return AugmentConfig(
+        enabled=cfg.augment, hflip=cfg.hflip, crop_scale=tuple(cfg.crop_scale or (1.0, 1.0)),  # type: ignore[arg-type]
+        crop_ratio=tuple(cfg.crop_ratio or (1.0, 1.0)),  # type: ignore[arg-type]
+        rotation=float(cfg.rotation or 0.0), translate=float(cfg.translate or 0.0),
+        brightness=float(cfg.brightness or 0.0), contrast=float(cfg.contrast or 0.0), gamma=float(cfg.exposure_gamma or 0.0))
+
+
 def _plan(cfg: TrainConfig, prep: Prepared, train_ids: np.ndarray, val_ids: np.ndarray | None, *,
           label: str, fingerprint: str, epochs: int | None) -> tuple[WorkerPlan, float]:
     """The workers' plan and the CPUs each worker asks for."""
     table = prep.table.set_index("row_id")
-    monitor = cfg.monitor
+    monitor = settled(cfg.monitor)
     has_val = val_ids is not None and len(val_ids) > 0
     if has_val and monitor == "val_auc" and not _auc_defined(table.loc[val_ids, "label"].to_numpy(), prep):
         log(f"[{label}] val_auc is undefined on this validation split; monitoring val_loss", cfg)
@@ -137,7 +148,7 @@ def _plan(cfg: TrainConfig, prep: Prepared, train_ids: np.ndarray, val_ids: np.n
         class_weights=class_weights(train_labels, len(prep.classes)) if cfg.class_weighting == "balanced" else None,
         initial_state=[ray.put(prep.initial_state)],
         preprocessing=dict(prep.preprocessing),
-        augment=AugmentConfig(enabled=cfg.augment, hflip=cfg.hflip).to_dict(),
+        augment=augment_config(cfg).to_dict(),
         steps_per_epoch=max(1, rows_per_worker // batch),
         batch_size=batch,
         shuffle_buffer=int(min(rows_per_worker, max(8 * batch, 256))),
@@ -191,7 +202,27 @@ def fit(
         f"{' + 1 GPU' if cfg.use_gpu else ''}, {plan.train.epochs} epochs, batch {plan.batch_size}/worker",
         cfg,
     )
-    return _outcome(cfg, trainer, name=name, label=label, monitor=plan.monitor, started=started)
+    outcome = _outcome(cfg, trainer, name=name, label=label, monitor=plan.monitor, started=started)
+    outcome.warning = chance_warning(outcome.history, len(prep.classes), plan.steps_per_epoch)
+    if outcome.warning:
+        log(f"[{label}] warning: {outcome.warning}", cfg)
+    return outcome
+
+
+CHANCE_MARGIN = 0.05  # balanced accuracy within this of 1/K reads as "learned nothing"
+
+
+def chance_warning(history: list[dict[str, Any]], num_classes: int, steps_per_epoch: int) -> str | None:
+    """A plain-language warning when a run ended at chance level on its validation split, else None."""
+    rows = [r for r in history if r.get("val_balanced_accuracy") is not None]
+    if not rows:
+        return None
+    last, chance = float(rows[-1]["val_balanced_accuracy"]), 1.0 / num_classes
+    if last > chance + CHANCE_MARGIN:
+        return None
+    steps = steps_per_epoch * len(history)
+    return (f"validation balanced accuracy {last:.2f} \u2248 chance {chance:.2f} after {len(history)} epochs "
+            f"({steps} optimizer steps): too few steps? Try more --epochs or a smaller --batch-size")
 
 
 def _outcome(cfg: TrainConfig, trainer: TorchTrainer, *, name: str, label: str, monitor: str,

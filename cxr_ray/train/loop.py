@@ -27,16 +27,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cxr_ray.data.augment import AugmentConfig, RadiographAugment
 from cxr_ray.models.build import build_model
 from cxr_ray.models.transfer import configure_mode, set_train_mode
 from cxr_ray.progress import epoch_eta
-from cxr_ray.train.config import MONITORS
+from cxr_ray.train.batches import BatchPreparer
+from cxr_ray.train.config import MONITORS, settled
 from cxr_ray.train.epoch_state import EpochState, improved
 from cxr_ray.train.plan import WorkerPlan
 from cxr_ray.train.steps import (
     amp_settings,
     average_batchnorm_buffers,
+    decay_groups,
     lr_factor_fn,
     predict_shard,
     recalibrate_batchnorm,
@@ -66,7 +67,13 @@ class _Worker:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     criterion: nn.Module
-    augment: RadiographAugment | None
+    batches: BatchPreparer
+    ema: torch.optim.swa_utils.AveragedModel | None  # the weights that are evaluated and kept, when on
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """What validation scores and the checkpoint keeps: the EMA weights when on, else the network."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
 
 def _build_worker(plan: WorkerPlan, state: EpochState) -> _Worker:
@@ -80,30 +87,43 @@ def _build_worker(plan: WorkerPlan, state: EpochState) -> _Worker:
     model.load_state_dict(ray.get(plan.initial_state[0]))  # RAY: weights the driver built
     if state.saved is not None:
         model.load_state_dict(state.saved["model"])
-    groups = configure_mode(model, cfg.arch, cfg.train_mode, lr=cfg.lr, backbone_lr_factor=cfg.backbone_lr_factor,
+    lr, epochs = settled(cfg.lr), settled(cfg.epochs)
+    groups = configure_mode(model, cfg.arch, cfg.train_mode, lr=lr, backbone_lr_factor=cfg.backbone_lr_factor,
                             finetune_blocks=cfg.finetune_blocks)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # the inputs are channels_last too (steps._to_device)
     wrapped = ray.train.torch.prepare_model(model)  # RAY: to device, DDP when world > 1
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(decay_groups(groups, settled(cfg.weight_decay)), lr=lr)
     steps = plan.steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps)) if cfg.epochs > 1 else 0
+    warmup = int(round(settled(cfg.warmup_epochs) * steps)) if epochs > 1 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lr_factor_fn(cfg.schedule, total_steps=cfg.epochs * steps, warmup_steps=warmup, steps_per_epoch=steps,
+        lr_factor_fn(settled(cfg.schedule), total_steps=epochs * steps, warmup_steps=warmup, steps_per_epoch=steps,
                      step_size=cfg.step_size, gamma=cfg.gamma),
     )
-    amp_dtype, needs_scaler = amp_settings(device)
+    amp_dtype, needs_scaler = amp_settings(device, cfg.cpu_bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+    ema = _ema(model, float(cfg.ema_decay or 0.0))
     if state.saved is not None:
         optimizer.load_state_dict(state.saved["optimizer"])
         scheduler.load_state_dict(state.saved["scheduler"])
         scaler.load_state_dict(state.saved["scaler"])
+        if ema is not None and state.saved.get("ema") is not None:
+            ema.load_state_dict(state.saved["ema"])
     weights = torch.tensor(plan.class_weights, dtype=torch.float32, device=device) if plan.class_weights else None
-    mean, std = plan.preprocessing["mean"], plan.preprocessing["std"]
-    augment = RadiographAugment(AugmentConfig.from_dict(plan.augment), mean, std) if cfg.augment else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=float(cfg.label_smoothing or 0.0))
+    batches = BatchPreparer(dict(plan.preprocessing), plan.augment if cfg.augment else None,
+                            num_classes=len(plan.classes), mixup=float(cfg.mixup or 0.0),
+                            cutmix=float(cfg.cutmix or 0.0))
     return _Worker(plan, rank, world, device, model, wrapped, optimizer, scheduler, scaler, amp_dtype,
-                   nn.CrossEntropyLoss(weight=weights), augment)
+                   criterion, batches, ema)
+
+
+def _ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights AND BatchNorm buffers (``use_buffers``), or None."""
+    if not decay:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _train_epoch(w: _Worker, epoch: int, attempt: int) -> dict[str, Any]:
@@ -117,13 +137,16 @@ def _train_epoch(w: _Worker, epoch: int, attempt: int) -> dict[str, Any]:
         local_shuffle_buffer_size=w.plan.shuffle_buffer, local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + w.rank,
     )
     recent: list[torch.Tensor] = []
+    ema = w.ema
     stats = train_one_epoch(w.model, batches, w.criterion, w.optimizer, w.scheduler, w.scaler, w.device,
-                            augment=w.augment, amp_dtype=w.amp_dtype, keep_inputs=recent,
-                            keep_images=cfg.precise_bn_images)
+                            prepare=w.batches.train, amp_dtype=w.amp_dtype, keep_inputs=recent,
+                            keep_images=cfg.precise_bn_images,
+                            after_step=None if ema is None else lambda: ema.update_parameters(w.raw_model))
     if cfg.precise_bn_images:
-        recalibrate_batchnorm(w.raw_model, recent, w.device, w.amp_dtype)
+        w.kept_model.train()  # precise BN re-estimates the statistics of the weights that are kept
+        recalibrate_batchnorm(w.kept_model, recent, w.device, w.amp_dtype)
     del recent
-    average_batchnorm_buffers(w.raw_model, w.world)
+    average_batchnorm_buffers(w.kept_model, w.world)
     totals = torch.tensor([stats["loss_sum"], stats["correct"], stats["n"]], dtype=torch.float64, device=w.device)
     if w.world > 1:
         dist.all_reduce(totals)
@@ -142,10 +165,11 @@ def _train_epoch(w: _Worker, epoch: int, attempt: int) -> dict[str, Any]:
 
 def _validate(w: _Worker) -> dict[str, Any]:
     """Validation metrics, the same on every rank (each predicts a share, all gather)."""
-    w.raw_model.eval()
+    w.kept_model.eval()
     val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(  # RAY: full val set on every rank
         batch_size=max(w.plan.batch_size, 64), device="cpu")
-    part = predict_shard(w.raw_model, val_batches, w.device, rank=w.rank, world=w.world, amp_dtype=w.amp_dtype)
+    part = predict_shard(w.kept_model, val_batches, w.device, rank=w.rank, world=w.world, amp_dtype=w.amp_dtype,
+                         prepare=w.batches.evaluate)
     parts: list[Any] = [None] * w.world
     if w.world > 1:
         dist.all_gather_object(parts, part)
@@ -163,7 +187,8 @@ def _report(w: _Worker, state: EpochState, row: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if w.rank == 0:
-            state.save(directory, w.raw_model, w.optimizer, w.scheduler, w.scaler, w.plan.fingerprint)
+            state.save(directory, w.raw_model, w.optimizer, w.scheduler, w.scaler, w.plan.fingerprint,
+                       ema=w.ema)
             checkpoint = ray.train.Checkpoint.from_directory(directory)  # RAY
         ray.train.report(metrics, checkpoint=checkpoint)  # RAY: metrics + checkpoint to storage_path
 
@@ -182,18 +207,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = state.epoch + 1
     if start_epoch > 1 and w.rank == 0:
         _log(f"[{label}] resumed from checkpoint after epoch {start_epoch - 1} (attempt {state.attempt})")
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    epochs = settled(cfg.epochs)
+    for epoch in range(start_epoch, epochs + 1):
         if state.stopped:
             break
         row = _train_epoch(w, epoch, state.attempt)
         if plan.has_val:
             row.update(_validate(w))
-        is_better = improved(row.get(monitor), state.best, MONITORS[monitor]) if plan.has_val else True
+        # "last" keeps every epoch's weights in turn (the schedule's end wins); "best" the best --monitor epoch
+        is_better = (cfg.select == "last" or not plan.has_val
+                     or improved(row.get(monitor), state.best, MONITORS[monitor]))
         state.record(row, is_better=is_better, value=row.get(monitor) if plan.has_val else None,
-                     patience=cfg.patience if plan.has_val else None, model=w.raw_model)
+                     patience=cfg.patience if plan.has_val else None, model=w.kept_model)
         _report(w, state, row)
         if w.rank == 0 and not cfg.quiet:
-            _log(_progress_line(label, row, cfg.epochs, is_better))
+            _log(_progress_line(label, row, epochs, is_better))
         if cfg.fail_after_epoch == epoch and start_epoch <= epoch:
             raise RuntimeError(f"injected failure after epoch {epoch} (--fail-after-epoch, for resume tests)")
         if state.stopped:

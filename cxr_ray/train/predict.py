@@ -2,7 +2,8 @@
 
 Used after training (validation split to choose the threshold, test split for
 the final metrics) and by ``cxr-ray evaluate``. The input rows are what
-:mod:`cxr_ray.train.ingest` caches: ``row_id`` and the preprocessed ``image``.
+:mod:`cxr_ray.train.ingest` caches: ``row_id`` and the unit ``image``, standardised here
+with the artifact's preprocessing.
 
 Prediction runs as Ray Data *tasks*, not an actor pool: Ray reuses task
 worker processes, and each keeps the last network it built (keyed by the
@@ -16,30 +17,41 @@ import numpy as np
 import ray
 import torch
 
-from cxr_ray.models.build import build_model
+from cxr_ray.engines.tta import views
+from cxr_ray.models.ensemble import build_network
+from cxr_ray.preprocess import PreprocessConfig, standardise
 
 _CACHE: dict[str, tuple[torch.nn.Module, torch.device]] = {}  # one model per worker process
 
 
-def _model(state_ref, arch: str, num_classes: int, use_gpu: bool) -> tuple[torch.nn.Module, torch.device]:
+def _model(state_ref, arch: str, num_classes: int, use_gpu: bool,
+           temperatures: list[float] | None) -> tuple[torch.nn.Module, torch.device]:
 
-    key = f"{state_ref.hex()}:{arch}:{num_classes}:{use_gpu}"
+    key = f"{state_ref.hex()}:{arch}:{num_classes}:{use_gpu}:{temperatures}"
     if key not in _CACHE:
         _CACHE.clear()
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = build_model(arch, num_classes)
+        model = build_network(arch, num_classes, temperatures)
         model.load_state_dict(ray.get(state_ref))
         _CACHE[key] = (model.eval().to(device), device)
     return _CACHE[key]
 
 
 def predict_batch(batch: dict[str, np.ndarray], *, state_ref: list, arch: str, num_classes: int,
-                  use_gpu: bool = False) -> dict[str, np.ndarray]:
-    """``{"row_id", "probs"}`` for a batch of preprocessed images (softmax of the logits)."""
-    model, device = _model(state_ref[0], arch, num_classes, use_gpu)
-    images = torch.from_numpy(np.array(batch["image"], dtype=np.float32)).to(device)  # writable copy
+                  preprocessing: dict, use_gpu: bool = False,
+                  temperatures: list[float] | None = None, tta: int = 1) -> dict[str, np.ndarray]:
+    """``{"row_id", "probs"}`` for a batch of cached unit images (standardised here; softmax of the logits).
+
+    ``tta`` > 1: the mean over that many fixed views per image (:mod:`cxr_ray.engines.tta`, as screen and serve).
+    """
+    model, device = _model(state_ref[0], arch, num_classes, use_gpu, temperatures)
+    unit = np.array(batch["image"], dtype=np.float32)  # a writable copy
+    inputs = standardise(unit, PreprocessConfig.from_dict(preprocessing))
+    images = torch.from_numpy(views(inputs, tta) if tta > 1 else inputs).to(device)
     with torch.inference_mode():
         probs = torch.softmax(model(images).float(), dim=1).cpu().numpy()
+    if tta > 1:
+        probs = probs.reshape(len(unit), tta, -1).mean(axis=1)
     return {"row_id": np.asarray(batch["row_id"], dtype=np.int64), "probs": probs}
 
 
@@ -49,15 +61,23 @@ def predict_probs(
     arch: str,
     num_classes: int,
     *,
+    preprocessing: dict,
     use_gpu: bool = False,
     batch_size: int = 64,
+    temperatures: list[float] | None = None,
+    tta: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(row_ids, probs)`` sorted by row id, for every row of ``dataset``."""
+    """``(row_ids, probs)`` sorted by row id, for every row of ``dataset``.
+
+    ``temperatures``: ``state`` is a fold ensemble's (see :func:`cxr_ray.models.ensemble.build_network`).
+    """
 
     state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
     predicted = dataset.select_columns(["row_id", "image"]).map_batches(
         predict_batch,
-        fn_kwargs={"state_ref": [state_ref], "arch": arch, "num_classes": num_classes, "use_gpu": use_gpu},
+        fn_kwargs={"state_ref": [state_ref], "arch": arch, "num_classes": num_classes,
+                   "preprocessing": dict(preprocessing), "use_gpu": use_gpu, "temperatures": temperatures,
+                   "tta": tta},
         batch_size=batch_size,
         batch_format="numpy",
         num_gpus=1 if use_gpu else 0,

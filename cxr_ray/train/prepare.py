@@ -120,7 +120,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     source = read_labelled(cfg.data, s3_endpoint=cfg.s3_endpoint)
     classes, source_classes = resolve_classes(cfg, source.classes)
     positive = _positive_class(cfg, classes)
-    preprocessing = new_card(name="x", arch=cfg.arch, classes=classes, image_size=cfg.resolved_image_size).preprocessing
+    preprocessing = new_card(name="x", arch=cfg.arch, classes=classes, image_size=cfg.resolved_image_size,
+                             normalization=cfg.normalization or "fixed").preprocessing
     initial_state, init_report = initial_weights(cfg, classes, source_classes)
 
     frame = source.frame.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)  # blocks in random order

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from cxr_ray.engines.torch.runtime import cpu_has_native_bf16
+
 # --------------------------------------------------------------------------- schedule
 
 
@@ -44,9 +46,15 @@ def lr_factor_fn(
 # --------------------------------------------------------------------------- one epoch
 
 
-def amp_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, needs GradScaler): bf16 where supported, else fp16; none on CPU."""
+def amp_settings(device: torch.device, cpu_bf16: str = "off") -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, needs GradScaler): on GPUs bf16 where supported, else fp16.
+
+    On the CPU, bf16 with ``cpu_bf16="on"``, or ``"auto"`` where this CPU has
+    bf16 instructions (AVX512-BF16 / AMX; emulated bf16 is slower than fp32).
+    """
     if device.type != "cuda":
+        if cpu_bf16 == "on" or (cpu_bf16 == "auto" and cpu_has_native_bf16()):
+            return torch.bfloat16, False
         return None, False
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
@@ -58,10 +66,23 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContex
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
+    # channels_last on CPU too: oneDNN convolutions ran resnet18 training 1.27x faster in it (128 px, 2 cores)
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def decay_groups(groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """Each param group split in two: weights decay, biases and norm-layer parameters (1-D) do not.
+
+    Decaying BatchNorm scales and biases only pulls them towards 0 (the
+    usual exclusion of timm / torchvision's reference recipes).
+    """
+    out = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        for decayed, part in ((True, [p for p in params if p.ndim > 1]), (False, [p for p in params if p.ndim <= 1])):
+            if part:
+                out.append({**group, "params": part, "weight_decay": weight_decay if decayed else 0.0})
+    return out
 
 
 def train_one_epoch(
@@ -72,13 +93,17 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     device: torch.device,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prepare: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     amp_dtype: torch.dtype | None = None,
     keep_inputs: list[torch.Tensor] | None = None,
     keep_images: int = 0,
+    after_step: Callable[[], None] | None = None,
 ) -> dict:
     """One pass over ``batches``; returns summed loss, correct count, images and seconds.
 
+    ``prepare(images, labels) -> (inputs, targets)`` turns a cached batch into
+    network inputs (augmentation, mixing, standardisation; targets may be soft,
+    (N, K)). ``after_step`` runs after every optimizer step (the weight EMA).
     The last inputs, up to ``keep_images``, are appended to ``keep_inputs``
     (CPU) for :func:`recalibrate_batchnorm`.
     """
@@ -87,24 +112,27 @@ def train_one_epoch(
     kept = 0
     for batch in batches:
         images, labels = batch["image"], batch["label"]
-        if augment is not None:
-            images = augment(images)
+        targets = labels
+        if prepare is not None:
+            images, targets = prepare(images, labels)
         if keep_inputs is not None and keep_images:
             keep_inputs.append(images)
             kept += len(images)
             while keep_inputs and kept - len(keep_inputs[0]) >= keep_images:
                 kept -= len(keep_inputs.pop(0))
-        images, labels = _to_device(images, device), labels.to(device, non_blocking=True)
+        images, targets = _to_device(images, device), targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(images)
-            loss = criterion(logits.float(), labels)
+            loss = criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_sum += float(loss.detach()) * len(labels)
-        correct += int((logits.detach().argmax(1) == labels).sum())
+        correct += int((logits.detach().argmax(1).cpu() == labels).sum())
         seen += len(labels)
     return {"loss_sum": loss_sum, "correct": correct, "n": seen, "seconds": time.perf_counter() - start}
 
@@ -159,15 +187,19 @@ def average_batchnorm_buffers(model: nn.Module, world: int) -> None:
 @torch.inference_mode()
 def predict_shard(
     model: nn.Module, batches: Iterable[dict], device: torch.device, *, rank: int = 0, world: int = 1,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row_ids, labels, probabilities) of every ``world``-th batch starting at ``rank``."""
+    """(row_ids, labels, probabilities) of every ``world``-th batch starting at ``rank``.
+
+    ``prepare`` turns a cached batch into network inputs (standardisation).
+    """
     ids, labels, probs = [], [], []
     for i, batch in enumerate(batches):
         if i % world != rank:
             continue
+        images = batch["image"] if prepare is None else prepare(batch["image"])
         with _autocast(device, amp_dtype):
-            logits = model(_to_device(batch["image"], device))
+            logits = model(_to_device(images, device))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         ids.append(batch["row_id"].numpy())
         labels.append(batch["label"].numpy())
