@@ -4,7 +4,7 @@ echoscu / storescu and by pynetdicom, forwarding its SRs to a real receiving SCP
 Checked: C-ECHO; an X-ray gets its SR at the receiver with the same class and score as screening the same
 bytes directly, the source's references and its patient identifiers (which the logs never show); other SOP
 classes are refused at negotiation (and 0x0122 if one still arrives); a corrupt instance is answered 0xC000
-with its error code and the SCP serves the next one; without --forward-to the SR goes back to the caller."""
+with its error code and the SCP serves the next one; without --forward-to the SR goes back to the caller; with heatmaps on, a flagged instance's SC follows its SR."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ class Receiver:
         self._arrived = threading.Condition()
         ae = AE(ae_title="RECEIVER")
         ae.add_supported_context(COMPREHENSIVE_SR)
+        ae.add_supported_context(SECONDARY_CAPTURE)  # the heatmap SCs of --heatmaps flagged
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
@@ -299,3 +300,32 @@ def test_cli_needs_a_destination(tmp_path):
     done = subprocess.run([PYTHON, "-m", "cxr_ray", "listen", "--model", str(tmp_path)], env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--forward-to" in done.stderr
+
+
+@needs_dcmtk
+def test_heatmaps_flagged_sends_the_sc_after_the_sr(tmp_path_factory, tmp_path):
+    artifact = make_artifact(tmp_path_factory.mktemp("listen-sc-model") / "model")
+    screener = Screener(artifact, backend="onnxruntime", heatmap_method="gradcam")
+    receiver = Receiver()
+    listener = Listener(screener, forward_to=Destination("127.0.0.1", receiver.port, "RECEIVER"))
+    port = _free_port()
+    listener.start("127.0.0.1", port)
+    try:
+        source = make_xray(tmp_path / "dx.dcm", seed=3)
+        assert _direct(screener, source)["flagged"] is True  # this model flags it: an SC is due
+        done = _storescu(port, source)
+        assert done.returncode == 0, done.stdout + done.stderr
+        sr, sc = receiver.wait_for(2)
+        _same_result(sr, source, screener)
+    finally:
+        listener.stop()
+        receiver.server.shutdown()
+        screener.close()
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    assert sc.SOPClassUID == SECONDARY_CAPTURE and sc.StudyInstanceUID == header.StudyInstanceUID
+    assert sc.SeriesInstanceUID not in (header.SeriesInstanceUID, sr.SeriesInstanceUID)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert (sc.Rows, sc.Columns, sc.PhotometricInterpretation) == (header.Rows, header.Columns, "RGB")
+    assert sc.PatientID == PATIENT_ID and str(sc.PatientName) == PATIENT_NAME  # the source's, for the PACS
+    assert screener.card.version in sc.SeriesDescription
+    assert listener.counts["sc_sent"] == 1 and listener.counts["sc_failed"] == 0 and listener.counts["sr_sent"] == 1

@@ -14,6 +14,7 @@ from cxr_ray.commands.foreground import wait_until_stopped
 from cxr_ray.commands.options import add_shared
 from cxr_ray.engines.registry import BACKEND_NAMES
 from cxr_ray.errors import UsageError
+from cxr_ray.models.registry import EXPLAIN_METHODS
 
 
 def add_parser(subparsers) -> None:
@@ -37,6 +38,11 @@ def add_parser(subparsers) -> None:
                         "to its calling AE title")
     parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="inference backend")
     parser.add_argument("--device", default=None, help="backend device, e.g. cuda:0 (default: the backend's choice)")
+    parser.add_argument("--heatmaps", default="none", choices=("none", "flagged"),
+                        help="flagged: also store each flagged instance's heatmap overlay as a Secondary Capture, "
+                        "after its SR, at the same node")
+    parser.add_argument("--heatmap-method", default="gradcam", choices=EXPLAIN_METHODS,
+                        help="explanation for --heatmaps (default gradcam)")
     add_shared(parser, "s3_endpoint")
 
 
@@ -49,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # pynetdicom's INFO lines echo request attributes; its warnings and errors are enough here.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the source study's UID
     listener = Listener(
-        Screener(args.model, backend=args.backend, device=args.device, s3_endpoint=args.s3_endpoint),
+        Screener(args.model, backend=args.backend, device=args.device, s3_endpoint=args.s3_endpoint,
+                 heatmap_method=args.heatmap_method if args.heatmaps == "flagged" else None),
         ae_title=args.ae_title, forward_to=forward_to, reply_port=args.reply_port,
     )
     listener.start(args.host, args.port)

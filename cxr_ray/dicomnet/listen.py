@@ -22,6 +22,9 @@ give a raw TCP protocol.
   when given (the configured node, as MONAI Deploy / Orthanc route results);
   else back to the calling AE, at its IP address, on ``--reply-port``, with
   its calling AE title.
+* With a heatmap method (``--heatmaps flagged``), a flagged instance's overlay
+  also goes to the same destination as a Secondary Capture
+  (:func:`cxr_ray.dicomnet.results.sc_for`, as ``screen`` writes it), after its SR.
 * Logs name an instance by a digest of its SOP Instance UID, never by patient
   identifiers: only the SR carries those (copied from the source).
 """
@@ -41,11 +44,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import EventHandlerType
 
-from cxr_ray.dicomnet.results import sr_for
+from cxr_ray.dicomnet.results import sc_for, sr_for
 from cxr_ray.engines.load import load_backend
 from cxr_ray.errors import DecodeError, UsageError
+from cxr_ray.explain.methods import Explainer, check_supported
+from cxr_ray.explain.overlay import overlay_rgb
 from cxr_ray.io.inputs import InputPolicy, load_input
-from cxr_ray.models.artifact import load_card, localize
+from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -88,11 +93,19 @@ class Screener:
     """One model, loaded once: Part-10 bytes -> the screening row ``sr_for`` wants."""
 
     def __init__(self, model: str, *, backend: str = "auto", device: str | None = None,
-                 s3_endpoint: str | None = None) -> None:
+                 s3_endpoint: str | None = None, heatmap_method: str | None = None) -> None:
         artifact = self.artifact = str(localize(model, s3_endpoint))
         self.card = load_card(artifact)
+        self.heatmap_method = heatmap_method
+        if heatmap_method is not None:  # refused before the model loads, like screen's --heatmaps
+            check_supported(self.card.arch, heatmap_method)
+            if self.card.positive_index is None:
+                raise UsageError(f"--heatmaps flagged: model {self.card.name!r} has no positive class, "
+                                 "so no instance is ever flagged")
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-listen-model")
         self.backend = self._model_thread.submit(load_backend, artifact, backend, device=device).result()
+        self.explainer = None if heatmap_method is None else self._model_thread.submit(
+            lambda: Explainer(load_model(artifact)[0], self.card, heatmap_method)).result()
         self.config = self.card.preprocess_config
         self.reading = InputPolicy(target_size=self.config.image_size)
 
@@ -112,14 +125,23 @@ class Screener:
             "model_version": self.card.version,
         }
 
+    def capture(self, data: bytes, row: dict[str, Any], name: str) -> pydicom.Dataset | None:
+        """The heatmap SC of a flagged instance (None: heatmaps off, or not flagged); raises on failure."""
+        if self.explainer is None or self.heatmap_method is None or row["flagged"] is not True:
+            return None
+        pixels = load_input("request", InputPolicy(), data=data, name=name).image.pixels  # the stored size
+        heatmap = self._model_thread.submit(self.explainer.explain, pixels, self.card.positive_index).result().heatmap
+        return sc_for(data, overlay_rgb(pixels, heatmap), row, self.heatmap_method)
+
     def close(self) -> None:
         self._model_thread.shutdown(wait=False)
 
 
 def send_sr(sr: pydicom.Dataset, destination: Destination, calling_ae: str) -> int:
-    """C-STORE ``sr`` to ``destination`` on an association of its own; returns the status (-1: none)."""
+    """C-STORE ``sr`` (an SR or SC: its own SOP class is proposed) to ``destination`` on an association of
+    its own; returns the status (-1: none)."""
     ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(COMPREHENSIVE_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(str(sr.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         return -1
@@ -140,6 +162,8 @@ class Listener:
         self.screener, self.ae_title = screener, ae_title
         self.forward_to, self.reply_port = forward_to, reply_port
         self.counts = {"screened": 0, "refused": 0, "failed": 0, "sr_sent": 0, "sr_failed": 0}
+        if screener.heatmap_method is not None:
+            self.counts |= {"sc_sent": 0, "sc_failed": 0}
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -181,11 +205,20 @@ class Listener:
         self._count("screened")
         log.info("listen: instance %s screened: %s score=%s", digest, row["predicted_label"], row["score"])
         self._deliver(sr_for(data, row), digest, caller_address, caller_ae)
+        try:
+            capture = self.screener.capture(data, row, f"instance {digest}")
+        except Exception as exc:  # noqa: BLE001 - the instance was screened; its SC is extra
+            self._count("sc_failed")
+            log.warning("listen: SC for instance %s not built: %s", digest, type(exc).__name__)
+        else:
+            if capture is not None:
+                self._deliver(capture, digest, caller_address, caller_ae, kind="sc")
         status.Status = SUCCESS
         return status
 
-    def _deliver(self, sr: pydicom.Dataset, digest: str, caller_address: str, caller_ae: str) -> None:
-        """The instance was received and screened either way: a failed SR delivery is logged and counted."""
+    def _deliver(self, sr: pydicom.Dataset, digest: str, caller_address: str, caller_ae: str,
+                 kind: str = "sr") -> None:
+        """The instance was received and screened either way: a failed SR (SC) delivery is logged and counted."""
         target = self.destination(caller_address, caller_ae)
         try:
             code = send_sr(sr, target, self.ae_title)
@@ -194,12 +227,13 @@ class Listener:
         else:
             why = f"status 0x{code:04X}" if code >= 0 else "association refused or no status"
         if code == SUCCESS:
-            self._count("sr_sent")
-            log.info("listen: SR for instance %s stored at %s:%d (%s)", digest, target.host, target.port,
-                     target.ae_title)
+            self._count(f"{kind}_sent")
+            log.info("listen: %s for instance %s stored at %s:%d (%s)", kind.upper(), digest, target.host,
+                     target.port, target.ae_title)
         else:
-            self._count("sr_failed")
-            log.warning("listen: SR for instance %s not stored at %s:%d: %s", digest, target.host, target.port, why)
+            self._count(f"{kind}_failed")
+            log.warning("listen: %s for instance %s not stored at %s:%d: %s", kind.upper(), digest, target.host,
+                        target.port, why)
 
     # ---- pynetdicom --------------------------------------------------------
     def _on_store(self, event: Any) -> pydicom.Dataset:

@@ -8,7 +8,8 @@
   rewrite replaces, never duplicates.
 
 :func:`result_for_row` turns one screening row and its source header into
-the SR: the one rule both the screening job and the HTTP endpoint use.
+the SR: the one rule both the screening job and the HTTP endpoint use;
+:func:`sc_for` does the same for a heatmap overlay's Secondary Capture.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pydicom
 
+from cxr_ray.dicomnet.sc import build_sc
 from cxr_ray.dicomnet.sr import Result, build_sr
 from cxr_ray.dicomnet.web import DicomwebAuth, is_dicomweb, parse, store_instances
 from cxr_ray.io.storage import join, open_output
@@ -68,7 +71,16 @@ def result_for_row(row: Mapping[str, Any], positive_class: str | None = None) ->
     )
 
 
+def header_of(data: bytes) -> pydicom.Dataset:
+    """The header of a DICOM input (``data``: its Part-10 bytes), pixels not parsed."""
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
 def sr_for(data: bytes, row: Mapping[str, Any]) -> pydicom.Dataset:
     """The Comprehensive SR for one screened DICOM input (``data``: its Part-10 bytes)."""
-    header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return build_sr(header, result_for_row(row))
+    return build_sr(header_of(data), result_for_row(row))
+
+
+def sc_for(data: bytes, rgb: np.ndarray, row: Mapping[str, Any], method: str) -> pydicom.Dataset:
+    """The Secondary Capture of one screened DICOM input's heatmap overlay (``rgb``: uint8 H x W x 3)."""
+    return build_sc(header_of(data), rgb, result_for_row(row), method)

@@ -72,10 +72,13 @@ def overlay_png_bytes(
     pixels: np.ndarray, heatmap: np.ndarray, *, alpha: float = DEFAULT_ALPHA, cmap: str = DEFAULT_CMAP
 ) -> bytes:
     """The overlay as PNG bytes (what the HTTP endpoint base64-encodes)."""
+    return png_bytes(overlay_rgb(pixels, heatmap, alpha=alpha, cmap=cmap))
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An :func:`overlay_rgb` image as PNG bytes (screening also sends the same array as a DICOM SC)."""
     buffer = io.BytesIO()
-    Image.fromarray(overlay_rgb(pixels, heatmap, alpha=alpha, cmap=cmap), mode="RGB").save(
-        buffer, format="PNG"
-    )
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 

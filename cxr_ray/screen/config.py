@@ -119,7 +119,8 @@ class ScreenConfig:
     dicom_results: str | None = field(default=None, metadata=_flag(
         "also write a DICOM Comprehensive SR per ok DICOM input (finding, score, threshold, flagged, model), "
         "into this folder / s3:// prefix, or to a PACS by STOW-RS (dicomweb://HOST[:PORT]/PATH); it carries the "
-        "patient's real identifiers, copied from the source header", metavar="DIR_OR_DICOMWEB"))
+        "patient's real identifiers, copied from the source header; with --heatmaps flagged, also a Secondary "
+        "Capture of each flagged DICOM input's overlay, in its study", metavar="DIR_OR_DICOMWEB"))
     heatmap_method: str = field(default="gradcam", metadata=_flag(
         f"explanation for --heatmaps: {explain_methods_help()}", choices=EXPLAIN_METHODS))
 

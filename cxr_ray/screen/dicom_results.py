@@ -10,7 +10,9 @@ destination (:class:`cxr_ray.dicomnet.results.ResultsSink`).
 A row whose SR could not be built or stored keeps its row, with a warning
 ``dicom result not stored: <reason>`` (the reason is an error type or code,
 never a header value); the run summary counts them. Rows that are not ``ok``
-(a failed decode) get no SR.
+(a failed decode) get no SR. With ``--heatmaps flagged``, the heatmap stage
+sends each flagged row's overlay as a Secondary Capture to the same
+destination, with its own warning (:data:`SC_NOT_STORED`) and count.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cxr_ray.screen.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
 NOT_STORED = "dicom result not stored"
+SC_NOT_STORED = "heatmap capture not stored"  # the Secondary Capture (cxr_ray.screen.heatmaps)
 
 
 def stage_arguments(config: ScreenConfig, dicomweb_auth: DicomwebAuth | None) -> dict[str, Any]:
@@ -56,7 +59,7 @@ def write_dicom_results(table: pa.Table, *, target: str, max_bytes: int | None =
         try:
             sink.send(sr_for(read_input(row["path"], reading, display_name(row["path"])), row))
         except Exception as exc:  # noqa: BLE001 - one row's SR never fails the batch or loses rows
-            reason = str(exc) if isinstance(exc, DicomwebError) else failure_reason(exc)  # names no patient
+            reason = not_stored_reason(exc)
             log.warning("%s: %s", NOT_STORED, reason)
             warnings[i] = [*(warnings[i] or []), f"{NOT_STORED}: {reason}"]
             changed = True
@@ -66,5 +69,10 @@ def write_dicom_results(table: pa.Table, *, target: str, max_bytes: int | None =
     return table.set_column(index, table.schema.field(index), pa.array(warnings, table.schema.field(index).type))
 
 
-def count_not_stored(warnings: list[list[str] | None]) -> int:
-    return sum(1 for w in warnings if any(str(x).startswith(NOT_STORED) for x in (w or [])))
+def not_stored_reason(exc: BaseException) -> str:
+    """Why an object was not stored, naming no patient: a STOW-RS status, an error code or type."""
+    return str(exc) if isinstance(exc, DicomwebError) else failure_reason(exc)
+
+
+def count_not_stored(warnings: list[list[str] | None], prefix: str = NOT_STORED) -> int:
+    return sum(1 for w in warnings if any(str(x).startswith(prefix) for x in (w or [])))

@@ -18,6 +18,13 @@ carry patient identifiers. A retried batch rewrites the same names. The row's
 that cannot be explained keeps a null ``heatmap_path`` and gets a
 ``heatmap not written ...`` warning: it never fails its batch.
 
+With ``--dicom-results DIR_OR_DICOMWEB`` too, the same overlay of each
+flagged ``ok`` DICOM row is also sent there as a Secondary Capture in the
+source's study (:mod:`cxr_ray.dicomnet.sc`), exactly like the SRs
+(:class:`~cxr_ray.dicomnet.results.ResultsSink`); one that cannot be built or
+stored leaves a ``heatmap capture not stored: <reason>`` warning, and the
+PNG and the row stay.
+
 The actors explain on the CPU (backward passes at full resolution), leaving
 GPUs to the predict actors; only flagged rows cost anything.
 """
@@ -28,21 +35,24 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
 
+from cxr_ray.dicomnet.results import ResultsSink, sc_for
 from cxr_ray.dicomnet.web import DicomwebAuth
 from cxr_ray.errors import UsageError
 from cxr_ray.explain.batch import npy_bytes
 from cxr_ray.explain.methods import Explainer, check_supported
-from cxr_ray.explain.overlay import overlay_png_bytes
-from cxr_ray.io.inputs import InputPolicy, failure_reason, load_input
+from cxr_ray.explain.overlay import overlay_rgb, png_bytes
+from cxr_ray.io.inputs import InputPolicy, display_name, failure_reason, load_input, read_input
 from cxr_ray.io.storage import is_remote, join, open_output
 from cxr_ray.io.types import DecodePolicy
 from cxr_ray.models.artifact import load_model
 from cxr_ray.models.card import ModelCard
 from cxr_ray.screen.config import ScreenConfig, check_heatmap_mode
+from cxr_ray.screen.dicom_results import SC_NOT_STORED, not_stored_reason
 from cxr_ray.screen.inputs import path_digests
 from cxr_ray.screen.output import HEATMAPS_DIR
 from cxr_ray.screen.resources import Layout, heatmap_actor_cpus
@@ -99,6 +109,7 @@ def stage_arguments(config: ScreenConfig, output: str, plan: Layout, cluster: di
             "num_threads": plan.threads_per_actor,
             "s3_endpoint": config.s3_endpoint,
             "dicomweb_auth": dicomweb_auth,
+            "dicom_results": config.dicom_results,
         },
         "num_cpus": heatmap_actor_cpus(plan, cluster),
         "max_restarts": -1,
@@ -121,6 +132,7 @@ class HeatmapWriter:
         num_threads: int | None = None,
         s3_endpoint: str | None = None,
         dicomweb_auth: DicomwebAuth | None = None,
+        dicom_results: str | None = None,
     ) -> None:
 
         if num_threads:
@@ -136,20 +148,36 @@ class HeatmapWriter:
         self.reading = InputPolicy(decode=policy or DecodePolicy(), max_bytes=max_bytes, s3_endpoint=s3_endpoint,
                                    dicomweb_auth=dicomweb_auth)
         self.s3_endpoint = s3_endpoint
+        self.sink = ResultsSink(dicom_results, dicomweb_auth=dicomweb_auth,
+                                s3_endpoint=s3_endpoint) if dicom_results else None
 
-    def write(self, path: str) -> str:
-        """Explain one input; returns the overlay's URI (raises on any failure)."""
+    def write(self, path: str) -> tuple[str, bytes, np.ndarray]:
+        """Explain one input; returns the overlay's URI, the input's bytes and the overlay (raises on any failure)."""
 
-        pixels = load_input(path, self.reading).image.pixels
+        data = read_input(path, self.reading, display_name(path))
+        pixels = load_input(path, self.reading, data=data).image.pixels
         heatmap = self.explainer.explain(pixels, self.target).heatmap
+        rgb = overlay_rgb(pixels, heatmap)
         stem = heatmap_name(path, self.method)
         png_uri = join(self.heatmaps, stem + ".png")
         # The raw map first: a row whose PNG exists always has its .npy too.
         with open_output(join(self.heatmaps, stem + ".npy"), "wb", s3_endpoint=self.s3_endpoint) as handle:
             handle.write(npy_bytes(heatmap))
         with open_output(png_uri, "wb", s3_endpoint=self.s3_endpoint) as handle:
-            handle.write(overlay_png_bytes(pixels, heatmap))
-        return png_uri
+            handle.write(png_bytes(rgb))
+        return png_uri, data, rgb
+
+    def send_capture(self, row: dict, data: bytes, rgb: np.ndarray) -> str | None:
+        """Send the overlay of a DICOM row as a Secondary Capture; a warning when it failed, else None."""
+        if self.sink is None or row.get("format") != "dicom":
+            return None
+        try:
+            self.sink.send(sc_for(data, rgb, row, self.method))
+        except Exception as exc:  # noqa: BLE001 - one row's SC never fails the batch or loses the row
+            reason = not_stored_reason(exc)
+            log.warning("%s: %s", SC_NOT_STORED, reason)  # no file name: it may hold PHI
+            return f"{SC_NOT_STORED}: {reason}"
+        return None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         status = table.column("status").to_pylist()
@@ -157,13 +185,17 @@ class HeatmapWriter:
         paths = table.column("path").to_pylist()
         written = table.column(HEATMAP_PATH).to_pylist()
         warnings = table.column("warnings").to_pylist()
+        rows = table.to_pylist() if self.sink is not None else None  # the SC's values: the row's own
         changed = False
         for i, path in enumerate(paths):
             if status[i] != STATUS_OK or flagged[i] is not True:
                 continue
             changed = True
             try:
-                written[i] = self.write(path)
+                written[i], data, rgb = self.write(path)
+                failed = self.send_capture(rows[i], data, rgb) if rows is not None else None
+                if failed:
+                    warnings[i] = [*(warnings[i] or []), failed]
             except Exception as exc:  # noqa: BLE001 - one row's heatmap never fails the batch
                 written[i] = None
                 reason = failure_reason(exc)

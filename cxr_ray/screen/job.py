@@ -39,7 +39,7 @@ from cxr_ray.io.storage import expand_inputs
 from cxr_ray.models.card import ModelCard
 from cxr_ray.ray_session import connect
 from cxr_ray.screen.config import ScreenConfig
-from cxr_ray.screen.dicom_results import count_not_stored
+from cxr_ray.screen.dicom_results import SC_NOT_STORED, count_not_stored
 from cxr_ray.screen.heatmaps import check_heatmaps
 from cxr_ray.screen.output import SUMMARY_FILE, OutputLayout
 from cxr_ray.screen.passes import ISOLATE_PASS, PassInputs, PassResult, run_pass
@@ -51,7 +51,7 @@ from cxr_ray.screen.preflight import (
 )
 from cxr_ray.screen.recovery import write_crashed_rows
 from cxr_ray.screen.report import report_safely
-from cxr_ray.screen.schema import STATUS_OK, prob_columns
+from cxr_ray.screen.schema import HEATMAP_PATH, STATUS_OK, prob_columns
 from cxr_ray.screen.summary import PartsScan, finish_run, scan_parts
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,26 @@ def _passes(config: ScreenConfig, shared: PassInputs, done_ref: Any) -> tuple[li
     return [first, second], crashed
 
 
-def dicom_results_summary(layout: OutputLayout, target: str) -> dict[str, Any]:
-    """How many SRs the output's rows got, and how many could not be stored (all runs into it)."""
-    ok_dicom = not_stored = 0
-    for _, table in layout.read_parts(layout.list_parts(), ["status", "format", "warnings"]):
+def dicom_results_summary(layout: OutputLayout, target: str, heatmaps: bool = False) -> dict[str, Any]:
+    """How many SRs (and, with ``heatmaps``, heatmap SCs) the output's rows got, and how many could
+    not be stored (all runs into it). An SC is due for each ``ok`` DICOM row whose overlay was written."""
+    ok_dicom = not_stored = captured = sc_not_stored = 0
+    columns = ["status", "format", "warnings", *([HEATMAP_PATH] if heatmaps else [])]
+    for _, table in layout.read_parts(layout.list_parts(), columns):
         if isinstance(table, Exception):
             continue  # scan_parts has already quarantined what it could not read
         ok = pc.and_(pc.equal(table.column("status"), STATUS_OK), pc.equal(table.column("format"), "dicom"))
         ok_dicom += int(pc.sum(ok.cast(pa.int64())).as_py() or 0)
         not_stored += count_not_stored(table.column("warnings").to_pylist())
+        if heatmaps:
+            with_overlay = pc.and_(ok, pc.is_valid(table.column(HEATMAP_PATH)))
+            captured += int(pc.sum(with_overlay.cast(pa.int64())).as_py() or 0)
+            sc_not_stored += count_not_stored(table.column("warnings").to_pylist(), SC_NOT_STORED)
     destination = parse(target).service if is_dicomweb(target) else target  # never a query string
-    return {"destination": destination, "stored": ok_dicom - not_stored, "not_stored": not_stored}
+    summary: dict[str, Any] = {"destination": destination, "stored": ok_dicom - not_stored, "not_stored": not_stored}
+    if heatmaps:
+        summary["secondary_captures"] = {"stored": captured - sc_not_stored, "not_stored": sc_not_stored}
+    return summary
 
 
 def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
@@ -157,7 +166,7 @@ def run_screen(config: ScreenConfig, *, stream: TextIO | None = None) -> dict[st
             ray.shutdown()
     summary = finish_run(layout, card, run_id, started_at, time.time() - t0, passes, crashed_rows, resumed_rows)
     if config.dicom_results:
-        summary["dicom_results"] = dicom_results_summary(layout, config.dicom_results)
+        summary["dicom_results"] = dicom_results_summary(layout, config.dicom_results, config.heatmaps != "none")
     summary["report"] = report_safely(layout, card, summary)  # never fails the run: results are committed
     layout.write_json(SUMMARY_FILE, summary)
     if summary["complete"]:
