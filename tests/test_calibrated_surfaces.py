@@ -117,7 +117,8 @@ def test_serve_answers_the_calibrated_probabilities(ray_cluster, artifact, archi
                                        headers={"Content-Type": "image/png"})
                 assert response.status_code == 200, response.text
                 body = response.json()
+                # atol as on the other surfaces: serve's auto engine may be OpenVINO fp32 (~5e-6 off ORT)
                 np.testing.assert_allclose([body["probabilities"][c] for c in CLASSES], reference[path],
-                                           rtol=1e-5, atol=1e-6)
+                                           atol=1e-5)
     finally:
         serve.delete(name)
