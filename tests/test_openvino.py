@@ -98,6 +98,28 @@ def test_auto_falls_back_to_onnxruntime_when_the_check_fails(artifact, caplog):
     assert len(lines) == 1 and "openvino not used" in lines[0] and "falling back to onnxruntime" in lines[0]
 
 
+def test_a_graph_openvino_cannot_convert_falls_back_under_auto(tmp_path, caplog):
+    """A fold ensemble's graph (two members' calibrated softmaxes averaged): OpenVINO 2026.4's ONNX
+    frontend fails on its Softmax; ``auto`` must serve it with ONNX Runtime, ``openvino`` refuse clearly."""
+    from cxr_ray.models.ensemble import FoldEnsemble
+    from cxr_ray.testing import make_artifact, seeded_model
+
+    members = [seeded_model("mobilenet_v2", CLASSES, seed=seed, calibrate_bn_at=SIZE) for seed in (1, 2)]
+    path = str(make_artifact(tmp_path / "model", name="ensemble", positive_class="covid", onnx=True, image_size=SIZE,
+                             model=FoldEnsemble(members, [0.5, 2.0]).eval(),
+                             card_fields={"ensemble": {"members": 2, "temperatures": [0.5, 2.0]}}))
+    try:
+        load_backend(path, "openvino", device="cpu", num_threads=1)
+    except BackendUnavailableError as exc:
+        assert "OpenVINO cannot convert this graph" in str(exc)
+    else:
+        pytest.skip("this OpenVINO converts the ensemble graph: nothing to fall back from")
+    with caplog.at_level(logging.WARNING, logger="cxr_ray.engines.load"):
+        backend = load_backend(path, "auto", num_threads=1)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    assert any("openvino not used" in r.getMessage() for r in caplog.records)
+
+
 def test_bf16_only_where_the_cpu_has_it(artifact, onnxruntime_fp32):
     if not cpu_has_native_bf16():
         with pytest.raises(BackendUnavailableError, match="no AVX512-BF16 or AMX"):

@@ -28,7 +28,7 @@ from cxr_ray.engines.base import Backend, InputSpec
 from cxr_ray.engines.cache import read_verified
 from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
 from cxr_ray.engines.onnxruntime.runtime import available_cpus
-from cxr_ray.errors import ArtifactError
+from cxr_ray.errors import ArtifactError, BackendUnavailableError
 from cxr_ray.optional import OPENVINO_HINT, available, require
 
 # Our precision names -> the CPU plugin's element types for INFERENCE_PRECISION_HINT.
@@ -81,7 +81,11 @@ class OpenVinoBackend(Backend):
         core = ov.Core()
         if model is None:
             data = read_verified(onnx_path, expected_sha256, what="ONNX graph", remedy="refusing to load a modified model")
-            model = core.read_model(data)  # ONNX from memory: the bytes just hashed
+            try:
+                model = core.read_model(data)  # ONNX from memory: the bytes just hashed
+            except RuntimeError as exc:  # an op its ONNX frontend cannot convert: auto falls back to ONNX Runtime
+                raise BackendUnavailableError(f"{onnx_path}: OpenVINO cannot convert this graph: "
+                                              f"{str(exc).strip().splitlines()[-1]}") from exc
         inputs = {name for port in model.inputs for name in port.get_names()}
         outputs = {name for port in model.outputs for name in port.get_names()}
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
