@@ -4,7 +4,8 @@ echoscu / storescu and by pynetdicom, forwarding its SRs to a real receiving SCP
 Checked: C-ECHO; an X-ray gets its SR at the receiver with the same class and score as screening the same
 bytes directly, the source's references and its patient identifiers (which the logs never show); other SOP
 classes are refused at negotiation (and 0x0122 if one still arrives); a corrupt instance is answered 0xC000
-with its error code and the SCP serves the next one; without --forward-to the SR goes back to the caller; with heatmaps on, a flagged instance's SC follows its SR."""
+with its error code and the SCP serves the next one; without --forward-to the SR goes back to the caller; with heatmaps on, a flagged instance's SC follows its SR;
+instances sent on concurrent associations share backend calls (serve's batcher), a bad one among them failing alone."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from cxr_ray.cli import build_parser
 from cxr_ray.dicomnet.listen import (
     CANNOT_UNDERSTAND,
     COMPREHENSIVE_SR,
     DX_PRESENTATION_STORAGE,
+    MAX_BATCH_SIZE,
     SOP_CLASS_NOT_SUPPORTED,
     Destination,
     Listener,
@@ -38,6 +42,7 @@ from cxr_ray.dicomnet.listen import (
 )
 from cxr_ray.dicomnet.sr import read_result
 from cxr_ray.errors import UsageError
+from cxr_ray.serve.config import ServeArgs
 
 ECHOSCU, STORESCU, DCIODVFY = shutil.which("echoscu"), shutil.which("storescu"), shutil.which("dciodvfy")
 needs_dcmtk = pytest.mark.skipif(not (ECHOSCU and STORESCU), reason="dcmtk (echoscu, storescu) not installed")
@@ -277,7 +282,7 @@ def test_cli_listens_screens_and_stops_on_sigterm(screener, tmp_path):
     port = _free_port()
     artifact = screener.artifact
     cmd = [PYTHON, "-m", "cxr_ray", "listen", "--model", artifact, "--port", str(port), "--backend", "onnxruntime",
-           "--forward-to", f"127.0.0.1:{receiver.port}:RECEIVER"]
+           "--forward-to", f"127.0.0.1:{receiver.port}:RECEIVER", "--max-batch-size", "4"]
     proc = subprocess.Popen(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -292,7 +297,8 @@ def test_cli_listens_screens_and_stops_on_sigterm(screener, tmp_path):
         stdout, stderr = proc.communicate(timeout=60)
         receiver.server.shutdown()
     assert proc.returncode == 0, stderr[-3000:]
-    assert json.loads(stdout.strip().splitlines()[-1])["sr_sent"] == 1
+    stopped = json.loads(stdout.strip().splitlines()[-1])
+    assert stopped["sr_sent"] == 1 and stopped["batches"] == 1 and stopped["max_batch"] == 1
     assert PATIENT_ID not in stderr and "Doe" not in stderr
 
 
@@ -329,3 +335,84 @@ def test_heatmaps_flagged_sends_the_sc_after_the_sr(tmp_path_factory, tmp_path):
     assert sc.PatientID == PATIENT_ID and str(sc.PatientName) == PATIENT_NAME  # the source's, for the PACS
     assert screener.card.version in sc.SeriesDescription
     assert listener.counts["sc_sent"] == 1 and listener.counts["sc_failed"] == 0 and listener.counts["sr_sent"] == 1
+
+
+def test_max_batch_size_defaults_like_serve():
+    parser, _ = build_parser()
+    args = parser.parse_args(["listen", "--model", "m", "--forward-to", "127.0.0.1:104:PACS"])
+    assert args.max_batch_size == MAX_BATCH_SIZE == ServeArgs.model_fields["max_batch_size"].default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["listen", "--model", "m", "--max-batch-size", "0"])
+
+
+class HeldBackend:
+    """The real backend, its first call held until the other instances of the test are queued behind it:
+    the model is busy while they arrive, whatever the machine's speed (nothing waits on a clock)."""
+
+    def __init__(self, screener: Screener, instances: int) -> None:
+        self.backend, self.screener, self.instances = screener.backend, screener, instances
+        self.first = True
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if self.first:  # on the model thread; the handler threads queue in the batcher meanwhile
+            self.first = False
+            deadline = time.monotonic() + 120  # a bound only, so a broken batcher fails the test, not hangs it
+            while self.screener.queued < self.instances - len(batch) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return self.backend.predict(batch)
+
+
+@pytest.fixture()
+def batching_node(screener):
+    """(listener port, listener, receiver, its screener): a fresh screener of the module's model, 8 per batch."""
+    batched = Screener(screener.artifact, backend="onnxruntime", max_batch_size=8)
+    receiver = Receiver()
+    listener = Listener(batched, forward_to=Destination("127.0.0.1", receiver.port, "RECEIVER"))
+    port = _free_port()
+    listener.start("127.0.0.1", port)
+    yield port, listener, receiver, batched
+    listener.stop()
+    receiver.server.shutdown()
+    batched.close()
+
+
+def _send_concurrently(port: int, paths: list[Path]) -> list:
+    """One association per instance, all at once: the statuses, in ``paths`` order."""
+    with ThreadPoolExecutor(len(paths)) as pool:
+        return [status for _, status in pool.map(lambda path: _scu_store(port, path), paths)]
+
+
+def _check_srs(receiver: Receiver, sources: list[Path], screener: Screener) -> None:
+    by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in sources}
+    srs = receiver.wait_for(len(sources))
+    assert sorted(read_result(sr)["source_sop_instance_uid"] for sr in srs) == sorted(by_uid)
+    for sr in srs:  # each SR says what screening its own instance alone says
+        _same_result(sr, by_uid[read_result(sr)["source_sop_instance_uid"]], screener)
+
+
+def test_concurrent_associations_share_backend_calls(batching_node, tmp_path):
+    port, listener, receiver, batched = batching_node
+    sources = [make_xray(tmp_path / f"dx{i}.dcm", seed=10 + i) for i in range(4)]
+    batched.backend = HeldBackend(batched, len(sources))
+    statuses = _send_concurrently(port, sources)
+    assert [s.Status for s in statuses] == [0x0000] * 4
+    stats = batched.stats  # before the direct screenings below add their own calls
+    assert stats["batches"] == 2 and stats["max_batch"] > 1, stats  # 4 instances, 2 backend calls
+    _check_srs(receiver, sources, batched)
+    assert listener.counts["screened"] == 4 and listener.counts["sr_sent"] == 4
+
+
+def test_a_bad_instance_among_concurrent_ones_fails_alone(batching_node, tmp_path, caplog):
+    port, listener, receiver, batched = batching_node
+    good = [make_xray(tmp_path / f"dx{i}.dcm", seed=20 + i) for i in range(3)]
+    bad = make_xray(tmp_path / "bad.dcm", corrupt=True)
+    batched.backend = HeldBackend(batched, len(good))  # the bad one fails in its decode, never queues
+    with caplog.at_level(logging.WARNING):
+        statuses = _send_concurrently(port, [good[0], bad, good[1], good[2]])
+    assert [s.Status for s in statuses] == [0x0000, CANNOT_UNDERSTAND, 0x0000, 0x0000]
+    code = str(statuses[1].ErrorComment).rsplit(": ", 1)[-1]
+    assert code in caplog.text and PATIENT_ID not in caplog.text
+    stats = batched.stats
+    assert stats["batches"] == 2 and stats["max_batch"] > 1, stats
+    _check_srs(receiver, good, batched)
+    assert listener.counts == {"screened": 3, "refused": 0, "failed": 1, "sr_sent": 3, "sr_failed": 0}

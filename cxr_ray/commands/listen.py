@@ -1,7 +1,8 @@
 """``cxr-ray listen``: a DICOM C-STORE SCP (pynetdicom) that screens pushed X-rays, until Ctrl-C.
 
 A plain process, no Ray (why: :mod:`cxr_ray.dicomnet.listen`). Prints one JSON
-line (address, AE title, where SRs go) once it listens.
+line (address, AE title, where SRs go) once it listens, and one with the counts
+(``batches``, ``max_batch``: backend calls and the most instances in one) when it stops.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 
 from cxr_ray.commands.foreground import wait_until_stopped
-from cxr_ray.commands.options import add_shared
+from cxr_ray.commands.options import add_shared, positive_int
 from cxr_ray.engines.registry import BACKEND_NAMES
 from cxr_ray.errors import UsageError
 from cxr_ray.models.registry import EXPLAIN_METHODS
@@ -38,6 +39,10 @@ def add_parser(subparsers) -> None:
                         "to its calling AE title")
     parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="inference backend")
     parser.add_argument("--device", default=None, help="backend device, e.g. cuda:0 (default: the backend's choice)")
+    # 16: serve's default (cxr_ray.dicomnet.listen.MAX_BATCH_SIZE; not imported here, so --help stays fast)
+    parser.add_argument("--max-batch-size", type=positive_int, default=16,
+                        help="instances arriving on concurrent associations while the model runs go into its next "
+                        "call, as serve batches requests; at most this many (default 16, as serve)")
     parser.add_argument("--heatmaps", default="none", choices=("none", "flagged"),
                         help="flagged: also store each flagged instance's heatmap overlay as a Secondary Capture, "
                         "after its SR, at the same node")
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the source study's UID
     listener = Listener(
         Screener(args.model, backend=args.backend, device=args.device, s3_endpoint=args.s3_endpoint,
-                 heatmap_method=args.heatmap_method if args.heatmaps == "flagged" else None),
+                 heatmap_method=args.heatmap_method if args.heatmaps == "flagged" else None,
+                 max_batch_size=args.max_batch_size),
         ae_title=args.ae_title, forward_to=forward_to, reply_port=args.reply_port,
     )
     listener.start(args.host, args.port)
@@ -71,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         listener.stop()
         listener.screener.close()
-        print(json.dumps({"stopped": True, **listener.counts}), flush=True)
+        print(json.dumps({"stopped": True, **listener.counts, **listener.screener.stats}), flush=True)
     return 0

@@ -3,7 +3,9 @@
 A plain process, no Ray: pynetdicom runs one handler thread per association,
 and the model is loaded once per process and shared by them (one model thread
 owns the backend, as in :class:`cxr_ray.serve.predictor.CxrPredictor`: torch ran
-slower when called from several threads). On a cluster, run it as a plain
+slower when called from several threads). Instances are batched as serve batches
+requests (:class:`~cxr_ray.engines.batching.OpportunisticBatcher`): those that
+arrive on concurrent associations while the model runs go into its next call. On a cluster, run it as a plain
 process (a systemd unit or a container next to the Ray head); it is not a Ray
 actor or Serve deployment, because a DICOM node needs a fixed host and port that
 modalities and the PACS are configured with, which Serve's HTTP proxy does not
@@ -31,6 +33,8 @@ give a raw TCP protocol.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import threading
@@ -45,6 +49,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import EventHandlerType
 
 from cxr_ray.dicomnet.results import sc_for, sr_for
+from cxr_ray.engines.batching import OpportunisticBatcher
 from cxr_ray.engines.load import load_backend
 from cxr_ray.errors import DecodeError, UsageError
 from cxr_ray.explain.methods import Explainer, check_supported
@@ -66,6 +71,7 @@ SUCCESS = 0x0000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 C-STORE "Error: cannot understand" (0xCxxx)
 PROCESSING_FAILURE = 0x0110
+MAX_BATCH_SIZE = 16  # serve's default (cxr_ray.serve.config.ServeArgs.max_batch_size; a test holds them equal)
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,20 @@ def instance_digest(sop_instance_uid: str) -> str:
 
 
 class Screener:
-    """One model, loaded once: Part-10 bytes -> the screening row ``sr_for`` wants."""
+    """One model, loaded once: Part-10 bytes -> the screening row ``sr_for`` wants.
+
+    Each instance decodes in its association's handler thread (a bad one fails alone), then waits in one
+    :class:`OpportunisticBatcher` with the instances of the other associations: whatever queued while the
+    model ran goes into its next ``backend.predict`` call, as in serve. The batcher needs an event loop and
+    pynetdicom's handlers are threads, so the loop runs in a daemon thread of its own; the backend still
+    runs on the model thread, which keeps the loop free to queue the next batch meanwhile.
+    """
 
     def __init__(self, model: str, *, backend: str = "auto", device: str | None = None,
-                 s3_endpoint: str | None = None, heatmap_method: str | None = None) -> None:
+                 s3_endpoint: str | None = None, heatmap_method: str | None = None,
+                 max_batch_size: int = MAX_BATCH_SIZE) -> None:
+        # Built first: a bad max_batch_size is refused before the model loads.
+        self._batcher = OpportunisticBatcher(self._predict_batch, max_batch_size=max_batch_size)
         artifact = self.artifact = str(localize(model, s3_endpoint))
         self.card = load_card(artifact)
         self.heatmap_method = heatmap_method
@@ -108,22 +124,54 @@ class Screener:
             lambda: Explainer(load_model(artifact)[0], self.card, heatmap_method)).result()
         self.config = self.card.preprocess_config
         self.reading = InputPolicy(target_size=self.config.image_size)
+        self._stats = {"batches": 0, "max_batch": 0}  # backend calls, and the most instances one carried
+        self._state = threading.Lock()  # guards _stats and _closed (the loop thread vs the handler threads)
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="cxr-listen-batcher", daemon=True)
+        self._loop_thread.start()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``batches`` (backend calls) and ``max_batch`` (the most instances in one), for the stop line."""
+        with self._state:
+            return dict(self._stats)
+
+    @property
+    def queued(self) -> int:
+        """Instances waiting for the model (decoded, not yet in a batch)."""
+        return self._batcher.queued
 
     def screen(self, data: bytes, name: str) -> dict[str, Any]:
         """Raises :class:`DecodeError` for an input the decode refuses."""
         # serve's CPU decode path (and screening's): the same read, guards, error codes, preprocessing.
         image = load_input("request", self.reading, data=data, name=name).image
-        batch = preprocess(image.pixels, self.config)[None].astype(np.float32, copy=False)
-        probs = self._model_thread.submit(self.backend.predict, batch).result()
+        pixels = preprocess(image.pixels, self.config).astype(np.float32, copy=False)
+        with self._state:  # no submission once close() began: its future would never be answered
+            if self._closed:
+                raise RuntimeError("listen is stopping: instance not screened")
+            pending = asyncio.run_coroutine_threadsafe(self._batcher.submit(pixels), self._loop)
+        try:
+            return pending.result()
+        except concurrent.futures.CancelledError:  # close() cancelled it while queued
+            raise RuntimeError("listen stopped before this instance was screened") from None
+
+    async def _predict_batch(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """On the loop thread: the batch's one ``backend.predict``, on the model thread."""
+        batch = np.stack(images)
+        probs = await asyncio.get_running_loop().run_in_executor(self._model_thread, self.backend.predict, batch)
+        with self._state:
+            self._stats["batches"] += 1
+            self._stats["max_batch"] = max(self._stats["max_batch"], len(images))
         decisions = self.card.decide(probs)
-        return {
-            "predicted_label": decisions.labels[0],
-            "score": None if decisions.scores is None else float(decisions.scores[0]),
-            "flagged": None if decisions.flagged is None else bool(decisions.flagged[0]),
+        return [{
+            "predicted_label": decisions.labels[i],
+            "score": None if decisions.scores is None else float(decisions.scores[i]),
+            "flagged": None if decisions.flagged is None else bool(decisions.flagged[i]),
             "threshold": float(self.card.threshold),
             "model_name": self.card.name,
             "model_version": self.card.version,
-        }
+        } for i in range(len(images))]
 
     def capture(self, data: bytes, row: dict[str, Any], name: str) -> pydicom.Dataset | None:
         """The heatmap SC of a flagged instance (None: heatmaps off, or not flagged); raises on failure."""
@@ -134,7 +182,25 @@ class Screener:
         return sc_for(data, overlay_rgb(pixels, heatmap), row, self.heatmap_method)
 
     def close(self) -> None:
+        """Stops the batch loop (instances still waiting fail: answered as processing failures), then the
+        model thread."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+        asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
         self._model_thread.shutdown(wait=False)
+
+
+async def _cancel_other_tasks() -> None:
+    """The batcher's consumer and queued submissions, so that the loop stops with no task pending."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def send_sr(sr: pydicom.Dataset, destination: Destination, calling_ae: str) -> int:

@@ -5,6 +5,7 @@
 * :mod:`~cxr_ray.engines.registry`: the engines by name, with their precision rules;
 * :mod:`~cxr_ray.engines.cache`: locks, build-once, sha256-checked reads of engine files;
 * :mod:`~cxr_ray.engines.load`: :func:`load_backend`, the ``auto`` policy and provisioning;
+* :mod:`~cxr_ray.engines.batching`: the opportunistic dynamic batcher of serve and listen (asyncio);
 * :mod:`~cxr_ray.engines.verify`: an engine checked against ONNX Runtime fp32 at load (probabilities, AUC);
 * one folder per engine: ``runtime.py`` (runs; never imports build code) and ``build.py``.
 

@@ -5,7 +5,7 @@ ingress replica in the fused one (:mod:`cxr_ray.serve.app`). Requests arrive
 already decoded and preprocessed ((1, S, S) float32), so it spends its time in
 the backend only: concurrent requests (everything that queued while the previous
 batch ran) go into one ``Backend.predict`` call
-(:class:`~cxr_ray.serve.batching.OpportunisticBatcher`). The same
+(:class:`~cxr_ray.engines.batching.OpportunisticBatcher`). The same
 :func:`~cxr_ray.engines.load.load_backend` and artifact as the screening job
 give the same numbers.
 """
@@ -25,12 +25,12 @@ import torch
 from ray import serve
 from torch import nn
 
+from cxr_ray.engines.batching import OpportunisticBatcher
 from cxr_ray.engines.load import load_backend
 from cxr_ray.explain.methods import Explainer, supported_pairs
 from cxr_ray.explain.overlay import overlay_png_bytes
 from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.serve.api import card_summary
-from cxr_ray.serve.batching import OpportunisticBatcher
 from cxr_ray.serve.config import ServeArgs
 from cxr_ray.serve.metrics import serve_metrics
 
