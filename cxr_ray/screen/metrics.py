@@ -18,10 +18,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.util.metrics import Counter, Histogram
+
+if TYPE_CHECKING:
+    from ray.util.metrics import Counter, Histogram
 
 # Seconds one batch spends in a stage: decode and predict batches take ~0.05-30 s on CPUs.
 STAGE_SECONDS_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
@@ -37,8 +40,16 @@ class _Series:
 
 
 @functools.cache
-def _series() -> _Series:
-    """Built once per worker process, on first use (never at import: the driver imports the stages)."""
+def _series() -> _Series | None:
+    """Built once per worker process, on first use (never at import: the driver imports the stages).
+
+    None without Ray: the GPU device check (``cxr_ray.bench.gpu``) runs the stages on a machine
+    that has no ``ray``, and recording must not be what stops it.
+    """
+    try:
+        from ray.util.metrics import Counter, Histogram
+    except ImportError:
+        return None
     return _Series(
         rows=Counter("cxr_ray_screen_rows", "Rows written to the screening output, by status and error code.",
                      tag_keys=("status", "error_code")),
@@ -53,6 +64,8 @@ def _series() -> _Series:
 def record_stage(stage: str, rows: int, seconds: float) -> None:
     """One batch of ``rows`` spent ``seconds`` in ``stage`` (decode, predict, write)."""
     series = _series()
+    if series is None:
+        return
     series.stage_seconds.observe(seconds, tags={"stage": stage})
     series.stage_rows.inc(rows, tags={"stage": stage})
 
@@ -72,6 +85,8 @@ def record_written(table: pa.Table) -> None:
     if len(table) == 0:
         return
     series = _series()
+    if series is None:
+        return
     # "status code" per row, counted in Arrow (~0.1 ms a part; a table group_by took twice that).
     status_col, code_col = table.column("status").fill_null("unknown"), table.column("error_code").fill_null(NO_CODE)
     keys = pc.binary_join_element_wise(status_col, code_col, " ")
