@@ -16,11 +16,14 @@ and :data:`TOLERANCES` the one table of how far each engine and precision may be
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from cxr_ray.errors import ArtifactError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -48,6 +51,21 @@ TOLERANCES: dict[tuple[str, str], float] = {
 }
 
 Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def check_graph_io(source: str | os.PathLike, inputs: Collection[str], outputs: Collection[str],
+                   input_shape: Sequence[object], image_size: int) -> None:
+    """The graph contract every ONNX-reading engine checks at load: an ``image`` input of
+    (N, 1, S, S) and a ``probabilities`` output. ``input_shape``: the runtime's own dims (a
+    dynamic batch dim is whatever it reports), compared from dim 1 on."""
+
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise ArtifactError(
+            f"{source}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+            f"found inputs {sorted(inputs)} and outputs {sorted(outputs)} (re-export with `cxr-ray export`)"
+        )
+    if list(input_shape[1:]) != [1, image_size, image_size]:
+        raise ArtifactError(f"{source}: input shape {list(input_shape)} does not take (N, 1, {image_size}, {image_size})")
 
 
 def tolerance(engine: str, precision: str) -> float:

@@ -28,8 +28,8 @@ import torch
 
 from cxr_ray.engines.base import Backend, InputSpec
 from cxr_ray.engines.cache import read_verified
-from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
-from cxr_ray.errors import ArtifactError, BackendUnavailableError, UsageError
+from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME, check_graph_io
+from cxr_ray.errors import BackendUnavailableError, UsageError
 from cxr_ray.optional import available
 
 
@@ -135,14 +135,8 @@ class OnnxRuntimeBackend(Backend):
         self.verified_max_abs_diff: float | None = None  # set by provisioning where it compares with fp32
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-            raise ArtifactError(
-                f"{onnx_path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
-                f"found inputs {list(inputs)} and outputs {outputs} (re-export with `cxr-ray export`)"
-            )
-        shape = inputs[INPUT_NAME].shape
-        if list(shape[1:]) != [1, image_size, image_size]:
-            raise ArtifactError(f"{onnx_path}: input shape {shape} does not take (N, 1, {image_size}, {image_size})")
+        shape = inputs[INPUT_NAME].shape if INPUT_NAME in inputs else []
+        check_graph_io(onnx_path, inputs, outputs, shape, image_size)
         self.classes = list(classes)
         self.input_spec = InputSpec(channels=1, image_size=int(image_size))
         self.device = "cuda" if CUDA_PROVIDER in self.session.get_providers() else "cpu"

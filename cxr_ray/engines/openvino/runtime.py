@@ -26,9 +26,9 @@ import numpy as np
 
 from cxr_ray.engines.base import Backend, InputSpec
 from cxr_ray.engines.cache import read_verified
-from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME
+from cxr_ray.engines.contract import INPUT_NAME, OUTPUT_NAME, check_graph_io
 from cxr_ray.engines.onnxruntime.runtime import available_cpus
-from cxr_ray.errors import ArtifactError, BackendUnavailableError
+from cxr_ray.errors import BackendUnavailableError
 from cxr_ray.optional import OPENVINO_HINT, available, require
 
 # Our precision names -> the CPU plugin's element types for INFERENCE_PRECISION_HINT.
@@ -88,14 +88,8 @@ class OpenVinoBackend(Backend):
                                               f"{str(exc).strip().splitlines()[-1]}") from exc
         inputs = {name for port in model.inputs for name in port.get_names()}
         outputs = {name for port in model.outputs for name in port.get_names()}
-        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-            raise ArtifactError(
-                f"{onnx_path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
-                f"found inputs {sorted(inputs)} and outputs {sorted(outputs)} (re-export with `cxr-ray export`)"
-            )
-        shape = model.input(INPUT_NAME).get_partial_shape()
-        if [d.get_length() if d.is_static else None for d in list(shape)[1:]] != [1, image_size, image_size]:
-            raise ArtifactError(f"{onnx_path}: input shape {shape} does not take (N, 1, {image_size}, {image_size})")
+        dims = list(model.input(INPUT_NAME).get_partial_shape()) if INPUT_NAME in inputs else []
+        check_graph_io(onnx_path, inputs, outputs, [d.get_length() if d.is_static else None for d in dims], image_size)
         self.config = compile_config("bf16" if precision == "bf16" else "fp32", num_threads)
         self.compiled = core.compile_model(model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
