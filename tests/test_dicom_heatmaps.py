@@ -17,7 +17,7 @@ from _orthanc import free_port
 from _screen_testing import CLASSES, IMAGE_SIZE, make_archive, read_rows, screen_config
 from PIL import Image
 from test_dicom_results import DCIODVFY, dciodvfy_errors
-from test_dicomweb import upload_sources
+from test_dicomweb import screen_back_into_orthanc
 
 from cxr_ray.dicomnet import web
 from cxr_ray.dicomnet.results import part10
@@ -192,13 +192,10 @@ def test_sc_store_failure_keeps_rows_and_overlays_warns_and_is_counted(ray_clust
 
 def test_scs_stored_by_stow_in_their_own_series_under_the_right_studies(ray_cluster, orthanc, real_data_dir, phantoms,
                                                                         artifact, tmp_path):
-    root, labels = phantoms
-    stored = upload_sources(orthanc, real_data_dir, root, labels)
-    sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in stored.items()}
-    query = orthanc.dicomweb + "?ModalitiesInStudy=CR,DX"
-    summary = run_screen(_config(artifact, [query], tmp_path / "out", dicom_results=orthanc.dicomweb))
-    rows = read_rows(tmp_path / "out")
-    assert len(rows) == len(stored) and (rows["status"] == "ok").all()
+    run = screen_back_into_orthanc(orthanc, real_data_dir, phantoms,
+                                   lambda inputs, out, **kw: run_screen(_config(artifact, inputs, out, **kw)),
+                                   tmp_path / "out")
+    stored, sources, query, summary, rows = run.stored, run.sources, run.query, run.summary, run.rows
     flagged = {r["path"].rsplit("/", 1)[-1]: r for _, r in rows.iterrows() if r["flagged"]}
     assert 0 < len(flagged) < len(rows)
     assert summary["dicom_results"]["secondary_captures"] == {"stored": len(flagged), "not_stored": 0}

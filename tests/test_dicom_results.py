@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import requests
 from _screen_testing import make_archive, make_artifact, read_rows, screen_config
-from test_dicomweb import upload_sources
+from test_dicomweb import screen_back_into_orthanc, upload_sources
 
 from cxr_ray.dicomnet import web
 from cxr_ray.dicomnet.sr import SCHEME, Result, build_sr, read_result
@@ -125,13 +125,10 @@ def _assert_same(said: dict, row) -> None:
 
 def test_srs_stored_by_stow_under_the_right_studies(ray_cluster, orthanc, real_data_dir, phantoms, artifact,
                                                     tmp_path):
-    root, labels = phantoms
-    stored = upload_sources(orthanc, real_data_dir, root, labels)
-    sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in stored.items()}
-    query = orthanc.dicomweb + "?ModalitiesInStudy=CR,DX"
-    summary = run_screen(screen_config(artifact, [query], tmp_path / "out", dicom_results=orthanc.dicomweb))
-    rows = read_rows(tmp_path / "out")
-    assert len(rows) == len(stored) and (rows["status"] == "ok").all()
+    run = screen_back_into_orthanc(orthanc, real_data_dir, phantoms,
+                                   lambda inputs, out, **kw: run_screen(screen_config(artifact, inputs, out, **kw)),
+                                   tmp_path / "out")
+    stored, sources, query, summary, rows = run.stored, run.sources, run.query, run.summary, run.rows
     assert summary["dicom_results"]["stored"] == len(stored) and summary["dicom_results"]["not_stored"] == 0
     client = web.client(orthanc.url + "/dicom-web")
     by_source = {}

@@ -7,8 +7,10 @@ import http.server
 import io
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pydicom
 import pytest
 from _screen_testing import make_archive, make_artifact, read_rows, screen_config
@@ -40,6 +42,30 @@ def upload_sources(orthanc, real_data_dir: Path, phantom_root: Path, labels) -> 
             stored.setdefault(uid, path)  # the two real samples share one SOP Instance UID: one instance
     assert len(uploaded) == len(orthanc.instances())
     return stored
+
+
+@dataclass
+class ScreenedBack:
+    """One screening run from Orthanc by QIDO-RS, its DICOM results stored back by STOW-RS."""
+
+    stored: dict[str, Path]  # {SOP Instance UID: source file} uploaded
+    sources: dict[str, pydicom.Dataset]  # their headers
+    query: str
+    summary: dict
+    rows: pd.DataFrame
+
+
+def screen_back_into_orthanc(orthanc, real_data_dir: Path, phantoms, screen, out: Path) -> ScreenedBack:
+    """Upload the sources, then ``screen(inputs, output, dicom_results=...)`` them (a run_screen call
+    the test configures); every uploaded instance must come back as one ok row."""
+    root, labels = phantoms
+    stored = upload_sources(orthanc, real_data_dir, root, labels)
+    sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in stored.items()}
+    query = orthanc.dicomweb + "?ModalitiesInStudy=CR,DX"
+    summary = screen([query], out, dicom_results=orthanc.dicomweb)
+    rows = read_rows(out)
+    assert len(rows) == len(stored) and (rows["status"] == "ok").all()
+    return ScreenedBack(stored, sources, query, summary, rows)
 
 
 @pytest.fixture(scope="module")
