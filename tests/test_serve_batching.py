@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from cxr_ray.serve.batching import OpportunisticBatcher
+from cxr_ray.engines.batching import OpportunisticBatcher
 
 
 class HeldModel:
