@@ -55,6 +55,11 @@ def test_bench_decode_json_shape(tiny_archive, capsys):
     assert deadline["files"] == 6 and deadline["max_decode_seconds"] > 0
     assert deadline["with_ms_per_file"] > 0 and deadline["without_ms_per_file"] > 0
     assert isinstance(deadline["overhead_pct_wall"], float)
+    # the fastest round and the median of at least 9 interleaved rounds, on both clocks
+    assert deadline["rounds"] >= 9
+    for key in ("overhead_pct_cpu", "overhead_pct_wall_median", "overhead_pct_cpu_median"):
+        assert isinstance(deadline[key], float), key
+    assert deadline["handoff_us_per_file"] > 0  # the mechanism's floor: a hand-off around a no-op
     assert result["excluded"] == [
         {"path": "nested/lateral.dcm", "format": "dicom", "failed": "ours", "error": "lateral_view"}
     ]

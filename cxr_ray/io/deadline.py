@@ -7,8 +7,10 @@ Two layers, because no single mechanism covers every way a decoder can stall:
   sleeps, waits on I/O, loops in Python or runs native code that releases the
   GIL (Pillow, NumPy, OpenJPEG through pylibjpeg) is abandoned at the deadline
   and the input gets a ``timeout`` error; the caller goes on with the next
-  input. The hand-off costs about 30 microseconds against milliseconds of
-  decoding (``cxr-ray bench decode`` reports the figure as ``deadline``).
+  input. The hand-off itself costs about 50 microseconds of wall time (a futex
+  wake each way, usually to the other core); the decoder's working set then
+  lives on that core, which costs about as much again on a multi-MB image
+  (``cxr-ray bench decode`` reports both as ``deadline``).
   Python offers no way to stop a thread, so an abandoned decoder keeps its
   thread until it returns by itself.
 * :func:`process_backstop` (screening workers only): native code that spins
