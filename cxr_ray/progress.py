@@ -141,9 +141,12 @@ class ProgressLine:
             self.writer.show(f"{self.label}: {text}", final=True)
 
     def update(self, done: int, *, total: int | None = None, counts: Mapping[str, int] | None = None) -> None:
-        """Record progress; shows a line when the refresh interval has passed."""
+        """Record progress; shows a line when the refresh interval has passed.
+
+        Not once every item is done: the final count is the final line's (:meth:`finish`), said once.
+        """
         now = self._record(done, total, counts)
-        if not self.enabled:
+        if not self.enabled or self.complete:
             return
         interval = TTY_REFRESH_S if self.writer.tty else self.every_s
         if self.last_shown is None or now - self.last_shown >= interval:
@@ -163,6 +166,11 @@ class ProgressLine:
         while len(self.recent) > 2 and now - self.recent[1][0] >= RATE_WINDOW_S:
             self.recent.popleft()  # keep one point at or beyond the window's start
         return now
+
+    @property
+    def complete(self) -> bool:
+        """Every item of a known total is done."""
+        return self.total is not None and self.done >= self.total
 
     def rate(self, now: float | None = None) -> float:
         """Items per second over the recent window (the whole run when it is younger than the window)."""

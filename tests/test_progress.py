@@ -97,7 +97,28 @@ def test_a_terminal_gets_one_line_rewritten_in_place():
     line.finish()
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("done in 4s" + ERASE_TO_END + "\n")
-    assert text.count("\r") == 5  # every update (1 s apart, over the TTY refresh) and the final line
+    # updates 1-3 (1 s apart, over the TTY refresh) and the final line; 4/4 is the final line's alone
+    assert text.count("\r") == 4 and text.count("4/4") == 1
+
+
+def test_the_final_count_is_said_once_by_the_final_line_when_the_last_update_completes_the_total():
+    """A small screen: every row comes back in one batch, the listing's total already known."""
+    clock, out = Clock(), io.StringIO()
+    progress = PassProgress(out, 15, "run-1", "screen", listing_total=lambda: 16, clock=clock)
+    progress.begin("starting")
+    clock.now += 11
+    status = {"ok": 16, "error": 0, "skipped": 0, "flagged": 2}
+    progress.written(16, status)  # the first update, shown at once were it not the last
+    progress.end(16, status)
+    assert out.getvalue().splitlines() == [
+        "screen: starting",
+        "screen: 16/16 images (100%) 1.5 images/s done in 11s | ok 16 error 0 skipped 0 flagged 2",
+    ]
+    events = io.StringIO()
+    as_json = PassProgress(events, 15, "run-1", "screen", listing_total=lambda: 16, json_lines=True, clock=clock)
+    as_json.written(16, status)
+    as_json.end(16, status)
+    assert [json.loads(line)["final"] for line in events.getvalue().splitlines()] == [True]
 
 
 def test_zero_interval_turns_the_line_off():
