@@ -32,6 +32,11 @@ Ray's logging is not muted, it is routed, using Ray's documented switches:
   Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX`` (read when the driver imports Ray); the worker's
   ``.err`` file in the session's logs keeps it.
 
+* The driver's ``ray._private.authentication.authentication_token_setup`` logger tells, at
+  WARNING, on every local start, that token authentication is *enabled* (Ray 2.60's default for a
+  local cluster, which cxr-ray keeps): a filter on that one logger drops that notice
+  (:data:`DRIVER_NOTICES_TO_DROP`). Its warning that authentication is *disabled* still shows.
+
 A variable the user set already (``RAY_DATA_LOGGING_CONFIG``, ``RAY_DEDUP_LOGS_SKIP_REGEX``) is
 left alone.
 """
@@ -57,16 +62,38 @@ SKIP_WORKER_LINES_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 SKIP_WORKER_LINES = ("Actor with class name: 'PreemptionWatcher' and ID: '[0-9a-f]+' has constructor "
                      "arguments in the object store and max_restarts > 0")
 
+# Driver-side Ray notices that say all is as it should be: (logger, message prefix).
+DRIVER_NOTICES_TO_DROP = (
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this Ray cluster"),
+)
+
 _verbose = False
+
+
+class _DropNotices(logging.Filter):
+    """Drops the records of one logger whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def configure(verbose: bool) -> None:
     """Call once, before Ray is imported: choose the console's level for Ray's logging."""
     global _verbose
     _verbose = verbose
+    for name, _ in DRIVER_NOTICES_TO_DROP:  # configure() may run more than once in a process (tests)
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropNotices)]:
+            logger.removeFilter(old)
     if not verbose:
         os.environ.setdefault(RAY_DATA_LOGGING_ENV, str(QUIET_RAY_DATA_CONFIG))
         os.environ.setdefault(SKIP_WORKER_LINES_ENV, SKIP_WORKER_LINES)
+        for name, prefix in DRIVER_NOTICES_TO_DROP:
+            logging.getLogger(name).addFilter(_DropNotices((prefix,)))
 
 
 def is_verbose() -> bool:

@@ -9,6 +9,7 @@ import pytest
 from _screen_testing import make_archive
 
 from cxr_ray.bench import screen as bench_screen
+from cxr_ray.engines.openvino.runtime import openvino_available
 
 
 def _run(argv: list[str], capsys) -> dict:
@@ -35,8 +36,9 @@ def test_bench_screen_reports_bound_job_baseline_and_ratios(ray_cluster, archive
     )
     assert report["inputs"] == 10 and report["cores"] >= 1
     assert report["decode"]["core_s_per_image"] > 0 and report["decode"]["ok"] == 4
-    assert report["best_backend"] in {"onnxruntime", "torch"}
-    assert {"onnxruntime", "torch"} <= set(report["backends"])
+    engines = {"onnxruntime", "torch"} | ({"openvino"} if openvino_available() else set())
+    assert report["best_backend"] in engines
+    assert set(report["backends"]) == engines  # OpenVINO, what --backend auto picks first, is in the bound
     assert report["bound_images_per_s"] > 0
     assert report["ray_job"]["images"] == 10 and report["ray_job"]["status"]["ok"] == 10
     assert report["baseline"]["images"] == 10 and report["baseline"]["images_per_s"] > 0

@@ -131,6 +131,24 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_comes_with_verbose(mo
     console.configure(verbose=False)
 
 
+def test_quiet_mode_drops_rays_auth_enabled_notice_but_not_its_auth_disabled_warning(caplog):
+    import logging
+
+    name = console.DRIVER_NOTICES_TO_DROP[0][0]
+    enabled = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    disabled = "Token authentication is disabled for this Ray cluster. Anyone with network access ..."
+    try:
+        for verbose, expected in ((False, [disabled]), (True, [enabled, disabled])):
+            console.configure(verbose=verbose)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger=name):
+                logging.getLogger(name).warning(enabled)
+                logging.getLogger(name).warning(disabled)
+            assert [r.getMessage() for r in caplog.records if r.name == name] == expected
+    finally:
+        console.configure(verbose=False)
+
+
 @pytest.mark.slow
 def test_a_train_run_shows_its_epoch_lines_and_not_ray_trains_internals(tmp_path):
     """A real ``cxr-ray train`` in its own process and its own local Ray, as a user runs it.
@@ -153,5 +171,6 @@ def test_a_train_run_shows_its_epoch_lines_and_not_ray_trains_internals(tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
     err = done.stderr
     assert re.search(r"epoch 1/2 train_loss=\S+ .* ETA ", err) and re.search(r"epoch 2/2 train_loss=\S+ .* done", err)
-    for internal in ("Reporting training result", "RayDeprecationWarning", "PreemptionWatcher", "core_worker.cc"):
+    for internal in ("Reporting training result", "RayDeprecationWarning", "PreemptionWatcher", "core_worker.cc",
+                     "Token authentication is enabled"):
         assert internal not in err, f"{internal!r} on stderr:\n{err[-4000:]}"

@@ -6,9 +6,11 @@ Skipped, with the reason, where ``openvino`` is not installed (``pip install 'cx
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cxr-ray[openvino]')")
 
@@ -98,9 +100,39 @@ def test_auto_falls_back_to_onnxruntime_when_the_check_fails(artifact, caplog):
     assert len(lines) == 1 and "openvino not used" in lines[0] and "falling back to onnxruntime" in lines[0]
 
 
-def test_a_graph_openvino_cannot_convert_falls_back_under_auto(tmp_path, caplog):
-    """A fold ensemble's graph (two members' calibrated softmaxes averaged): OpenVINO 2026.4's ONNX
-    frontend fails on its Softmax; ``auto`` must serve it with ONNX Runtime, ``openvino`` refuse clearly."""
+def _logsumexp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """How fold ensembles used to combine their members: its exported ReduceLogSumExp(axes=[0]) is read
+    by OpenVINO 2026.4's ONNX frontend as a reduction over every axis, and the graph does not convert."""
+    log_probs = [torch.log_softmax(m(x) / self.temperatures[i], dim=1) for i, m in enumerate(self.members)]
+    return torch.logsumexp(torch.stack(log_probs, dim=0), dim=0) - math.log(len(log_probs))
+
+
+def test_a_graph_openvino_cannot_convert_falls_back_under_auto(tmp_path, caplog, monkeypatch):
+    """``auto`` must serve a graph OpenVINO cannot convert with ONNX Runtime; ``openvino`` refuses clearly."""
+    from cxr_ray.models.ensemble import FoldEnsemble
+    from cxr_ray.testing import make_artifact, seeded_model
+
+    members = [seeded_model("mobilenet_v2", CLASSES, seed=seed, calibrate_bn_at=SIZE) for seed in (1, 2)]
+    with monkeypatch.context() as patch:  # exported the old way; the weights and the loader are today's
+        patch.setattr(FoldEnsemble, "forward", _logsumexp_forward)
+        path = str(make_artifact(tmp_path / "model", name="ensemble", positive_class="covid", onnx=True,
+                                 image_size=SIZE, model=FoldEnsemble(members, [0.5, 2.0]).eval(),
+                                 card_fields={"ensemble": {"members": 2, "temperatures": [0.5, 2.0]}}))
+    try:
+        load_backend(path, "openvino", device="cpu", num_threads=1)
+    except BackendUnavailableError as exc:
+        assert "OpenVINO cannot convert this graph" in str(exc)
+    else:
+        pytest.skip("this OpenVINO converts ReduceLogSumExp: no graph here to fall back from")
+    with caplog.at_level(logging.WARNING, logger="cxr_ray.engines.load"):
+        backend = load_backend(path, "auto", num_threads=1)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    assert any("openvino not used" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fold_ensemble_runs_on_openvino_like_onnxruntime(tmp_path):
+    """The default ``--folds K`` artifact (members' calibrated softmaxes averaged in one graph) converts,
+    and OpenVINO fp32 gives ONNX Runtime's probabilities."""
     from cxr_ray.models.ensemble import FoldEnsemble
     from cxr_ray.testing import make_artifact, seeded_model
 
@@ -108,16 +140,13 @@ def test_a_graph_openvino_cannot_convert_falls_back_under_auto(tmp_path, caplog)
     path = str(make_artifact(tmp_path / "model", name="ensemble", positive_class="covid", onnx=True, image_size=SIZE,
                              model=FoldEnsemble(members, [0.5, 2.0]).eval(),
                              card_fields={"ensemble": {"members": 2, "temperatures": [0.5, 2.0]}}))
-    try:
-        load_backend(path, "openvino", device="cpu", num_threads=1)
-    except BackendUnavailableError as exc:
-        assert "OpenVINO cannot convert this graph" in str(exc)
-    else:
-        pytest.skip("this OpenVINO converts the ensemble graph: nothing to fall back from")
-    with caplog.at_level(logging.WARNING, logger="cxr_ray.engines.load"):
-        backend = load_backend(path, "auto", num_threads=1)
-    assert isinstance(backend, OnnxRuntimeBackend)
-    assert any("openvino not used" in r.getMessage() for r in caplog.records)
+    openvino = load_backend(path, "openvino", device="cpu", num_threads=1)
+    assert isinstance(openvino, OpenVinoBackend)
+    assert load_backend(path, "auto", num_threads=1).label == "openvino"
+    batch = batch_of(5, seed=4)
+    reference = load_backend(path, "onnxruntime", device="cpu", num_threads=1).predict(batch)
+    np.testing.assert_allclose(openvino.predict(batch), reference, atol=tolerance("openvino", "fp32"), rtol=0)
+    np.testing.assert_allclose(reference.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_bf16_only_where_the_cpu_has_it(artifact, onnxruntime_fp32):
@@ -151,11 +180,11 @@ def test_openvino_refuses_a_gpu_device(artifact):
         load_backend(artifact, "openvino", device="cuda")
 
 
-def test_bench_reports_openvino_with_its_ratio_to_onnxruntime(artifact):
+def test_bench_reports_openvino_with_its_ratio_to_onnxruntime(artifact, labelled):
     from pathlib import Path
 
     report = bench.run_benchmark(Path(artifact), batch_sizes=[2], seconds=0.05, warmup_s=0, num_threads=1,
-                                 only=["onnxruntime-cpu-fp32", "openvino-cpu-fp32"])
+                                 only=["onnxruntime-cpu-fp32", "openvino-cpu-fp32"], verify_labels=labelled)
     rows = {row["backend"]: row for row in report["results"]}
     assert set(rows) == {bench.BASELINE, "onnxruntime-cpu-fp32", "openvino-cpu-fp32"}
     ov, ort = rows["openvino-cpu-fp32"], rows["onnxruntime-cpu-fp32"]
@@ -164,6 +193,13 @@ def test_bench_reports_openvino_with_its_ratio_to_onnxruntime(artifact):
     assert abs(ov["ratio_vs_onnxruntime"] - ov["images_per_s"] / ort["images_per_s"]) <= 0.01
     assert ov["ms_per_image"] == pytest.approx(1000 / ov["images_per_s"], rel=0.01)
     assert report["machine"]["openvino"] and isinstance(report["machine"]["cpu_flags"], list)
+    # on the labelled set's real images, against ONNX Runtime fp32: fp32 OpenVINO is the same model
+    accuracy = report["accuracy_vs_onnxruntime"]
+    assert accuracy["reference"] == "onnxruntime-cpu-fp32" and accuracy["images"] + accuracy["skipped"] == 24
+    assert set(accuracy["engines"]) == {bench.BASELINE, "openvino-cpu-fp32"}
+    ov_real = accuracy["engines"]["openvino-cpu-fp32"]
+    assert ov_real["max_abs_diff"] <= 1e-4 and ov_real["within_limits"] is True
+    assert abs(ov_real["auc_change"]) <= 1e-3 and ov_real["auc"] == pytest.approx(accuracy["reference_auc"], abs=1e-3)
 
 
 def test_preflight_refuses_cpu_int8_without_calibration_images():

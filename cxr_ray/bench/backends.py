@@ -24,7 +24,7 @@ NNCF-quantised on those images); with ``--compile``
 ``torch-eager-cl-bf16`` (autocast bfloat16: NOT numerically equivalent, shown
 for reference). Every row also gives ``ms_per_image`` and, where ONNX Runtime
 ran, ``ratio_vs_onnxruntime`` (against ``onnxruntime-cpu-fp32`` in the same
-run). CUDA candidates (``--device cuda``): the baseline on the GPU,
+run); ``--verify-labels SPEC`` adds their accuracy on real images (:mod:`cxr_ray.bench.backend_accuracy`). CUDA candidates (``--device cuda``): the baseline on the GPU,
 ``torch-cuda-cl-fp16`` (autocast), ``onnxruntime-cuda-fp32`` (onnxruntime-gpu)
 and ``tensorrt-fp16`` / ``tensorrt-fp32`` (TensorRT installed).
 """
@@ -47,6 +47,7 @@ import numpy as np
 import onnxruntime
 import torch
 
+from cxr_ray.bench.backend_accuracy import accuracy_on_real_images, add_accuracy_arguments
 from cxr_ray.bench.machine import machine_info
 from cxr_ray.bench.measure import random_artifact
 from cxr_ray.engines.onnxruntime.build import ensure_onnx, export_onnx
@@ -57,6 +58,7 @@ from cxr_ray.engines.request import EngineRequest
 from cxr_ray.engines.tensorrt.build import PlanBuild, provide_plan
 from cxr_ray.engines.tensorrt.runtime import TensorRTBackend, tensorrt_available
 from cxr_ray.engines.torch.runtime import TorchBackend, cpu_has_native_bf16
+from cxr_ray.engines.verify import DEFAULT_VERIFY_IMAGES
 from cxr_ray.errors import UsageError
 from cxr_ray.models.artifact import load_card, load_model, localize
 from cxr_ray.models.card import ModelCard
@@ -282,6 +284,8 @@ def run_benchmark(
     compile: bool = False,
     bf16: bool = False,
     int8_calibration: str | None = None,
+    verify_labels: str | None = None,
+    verify_images: int = DEFAULT_VERIFY_IMAGES,
     only: list[str] | None = None,
     source: str = "artifact",
 ) -> dict:
@@ -302,6 +306,9 @@ def run_benchmark(
     timing = {"seconds": seconds, "warmup_s": warmup_s, "min_iters": min_iters, "rounds": rounds}
     rows = _measure(backends, {c.name: c.exact for c in chosen}, batch_sizes, card.image_size, timing)
     best, best_lower = _best(rows, batch_sizes)
+    accuracy = None
+    if verify_labels and ONNXRUNTIME in backends:
+        accuracy = accuracy_on_real_images(backends, ONNXRUNTIME, card, verify_labels, images=verify_images)
     if hasattr(os, "getloadavg"):
         info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
@@ -315,6 +322,7 @@ def run_benchmark(
         "best": best,
         "best_lower_precision": best_lower,
         "skipped": skipped,
+        **({"accuracy_vs_onnxruntime": accuracy} if accuracy else {}),
     }
 
 
@@ -355,6 +363,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--int8-calibration", metavar="SPEC", default=None,
                         help="also measure OpenVINO int8 (NNCF), calibrated on 128 images of this manifest / "
                         "directory / glob; not fp32-equivalent")
+    add_accuracy_arguments(parser)
     parser.add_argument("--s3-endpoint", default=None)
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     return parser
@@ -365,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         batch_sizes=args.batch_sizes, seconds=args.seconds, warmup_s=args.warmup, rounds=max(1, args.rounds),
         device=args.device, num_threads=args.threads, compile=args.compile, bf16=args.bf16, only=only,
-        int8_calibration=args.int8_calibration,
+        int8_calibration=args.int8_calibration, verify_labels=args.verify_labels, verify_images=args.verify_images,
     )
     if args.model:
         root = localize(args.model, args.s3_endpoint)

@@ -47,6 +47,7 @@ from cxr_ray.bench.screen_baseline import plain_pytorch
 from cxr_ray.bench.screen_job import job_config, ray_job, ready_ray
 from cxr_ray.bench.screen_memory import memory_check
 from cxr_ray.engines.load import load_backend
+from cxr_ray.engines.openvino.runtime import openvino_available
 from cxr_ray.engines.preflight import check_engine
 from cxr_ray.errors import UsageError
 from cxr_ray.io.storage import expand_inputs
@@ -163,16 +164,21 @@ def backend_costs(
 ) -> dict:
     """CPU seconds per image of each backend that loads here, one thread, on CPU.
 
-    fp32 engines always; with a reduced ``precision`` the torch backend at that
-    precision too (its max difference from fp32, checked at load, is reported).
+    fp32 engines always (OpenVINO too where it is installed); with a reduced ``precision`` the torch
+    backend at that precision too, and OpenVINO for bf16 (the max difference from fp32, checked at
+    load, is reported).
     """
 
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((batch_size, 1, image_size, image_size)).astype(np.float32)
     out = {}
     engines = [("onnxruntime", "fp32"), ("torch", "fp32")]
+    if openvino_available():  # what --backend auto picks first where it is installed
+        engines.append(("openvino", "fp32"))
     if precision not in ("auto", "fp32"):
         engines.append(("torch", precision))
+        if precision == "bf16" and openvino_available():
+            engines.append(("openvino", precision))
     for name, engine_precision in engines:
         try:
             backend = load_backend(

@@ -31,6 +31,7 @@ from cxr_ray.engines.base import Backend
 from cxr_ray.engines.contract import max_abs_diff_vs_fp32
 from cxr_ray.errors import BackendUnavailableError, UsageError
 from cxr_ray.models.card import ModelCard
+from cxr_ray.preprocess import PreprocessConfig, standardise
 
 AUC_TOLERANCE = 0.005  # largest accepted |AUC(engine) - AUC(reference)| on a labelled sample
 DEFAULT_VERIFY_IMAGES = 256
@@ -68,7 +69,10 @@ def labelled_sample(spec: str, card: ModelCard, *, limit: int = DEFAULT_VERIFY_I
     ok = decoded["status"] == "ok"
     if not ok.any():
         raise UsageError(f"verification set {spec!r}: none of {len(frame)} sampled files could be decoded")
-    return LabelledSample(decoded["image"][ok], decoded["label"][ok], spec, skipped=int((~ok).sum()))
+    # decode_batch gives unit images (training caches them and standardises after augmentation);
+    # an engine takes what every surface feeds it: the standardised image
+    images = standardise(decoded["image"][ok], PreprocessConfig.from_dict(dict(card.preprocessing)))
+    return LabelledSample(images, decoded["label"][ok], spec, skipped=int((~ok).sum()))
 
 
 def predict_all(backend: Backend, images: np.ndarray) -> np.ndarray:

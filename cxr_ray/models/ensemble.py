@@ -40,8 +40,12 @@ class FoldEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         log_probs = [torch.log_softmax(member(x).float() / self.temperatures[i], dim=1)
                      for i, member in enumerate(self.members)]
-        # log of the mean probability, computed stably in log space
-        return torch.logsumexp(torch.stack(log_probs, dim=0), dim=0) - math.log(len(log_probs))
+        # log of the mean probability, computed stably in log space. Written out (max + log-sum-exp of
+        # the rest) rather than torch.logsumexp: OpenVINO 2026.4's ONNX frontend reads the exported
+        # ReduceLogSumExp(axes=[0]) as a reduction over every axis, and the graph then fails to convert.
+        stacked = torch.stack(log_probs, dim=0)
+        peak = stacked.amax(dim=0)
+        return peak + torch.log(torch.exp(stacked - peak).sum(dim=0)) - math.log(len(log_probs))
 
 
 def build_network(arch: str, num_classes: int, temperatures: Sequence[float] | None = None) -> nn.Module:
