@@ -59,8 +59,11 @@ RAY_TRAIN_FILE_LOGGERS = (("train", "v2", "_internal", "execution", "context.py"
 WORKER_LOG_FILE = "cxr-ray-worker-ray-{pid}.log"
 # Worker output lines the driver does not print (Ray's RAY_DEDUP_LOGS_SKIP_REGEX, a regex search).
 SKIP_WORKER_LINES_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
+# The second: the raylet's note, when Serve shuts down, that the controller it just killed missed
+# its graceful_shutdown call (retried "infinitely" until the cluster stops a moment later).
 SKIP_WORKER_LINES = ("Actor with class name: 'PreemptionWatcher' and ID: '[0-9a-f]+' has constructor "
-                     "arguments in the object store and max_restarts > 0")
+                     "arguments in the object store and max_restarts > 0"
+                     "|Task ServeController.graceful_shutdown failed. There are infinite retries remaining")
 
 # Driver-side Ray notices that say all is as it should be: (logger, message prefix).
 DRIVER_NOTICES_TO_DROP = (

@@ -77,6 +77,13 @@ def test_quiet_mode_has_the_driver_skip_ray_trains_preemption_watcher_line_and_n
     printed = LogDeduplicator(5, None, pattern).deduplicate({"ip": "127.0.0.1", "pid": 2980,
                                                              "lines": [watcher, epoch, crash]})
     assert [line for batch in printed for line in batch["lines"]] == [epoch, crash]
+    # the raylet's line as `cxr-ray demo` printed it when Serve shut down, and another task failure
+    shutdown = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task "
+                "will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
+    other = "Task Predictor.__call__ failed. There are 3 retries remaining, so the task will be retried."
+    printed = LogDeduplicator(5, None, pattern).deduplicate({"ip": "127.0.0.1", "pid": "raylet",
+                                                             "lines": [shutdown, other]})
+    assert [line for batch in printed for line in batch["lines"]] == [other]
     monkeypatch.setenv(console.SKIP_WORKER_LINES_ENV, "mine")
     console.configure(verbose=False)
     assert os.environ[console.SKIP_WORKER_LINES_ENV] == "mine"  # the user's own regex is left alone
