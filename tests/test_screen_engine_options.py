@@ -107,3 +107,4 @@ def test_serve_flags_reach_the_predictor_backend(artifact, phantoms, tmp_path):
     check = opened.backend.describe()["verification"]
     assert opened.backend.name == "openvino" and check["atol"] == 1.0
     assert check["real_images"] == {"spec": phantoms, "images": 3} and check["auc"]["images"] == 3
+    assert opened.info()["verification"] == check and predictor.info()["verification"] is None  # GET /v1/model

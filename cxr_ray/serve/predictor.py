@@ -129,6 +129,7 @@ class CxrPredictor:
     def info(self) -> dict[str, Any]:
         out = card_summary(asdict(self.card))
         out["backend"] = self.backend.label
+        out["verification"] = self.backend.describe().get("verification")
         out["batching"] = {
             "enabled": self.args.batching,
             "max_batch_size": self.args.max_batch_size,
