@@ -12,8 +12,9 @@ import json
 import logging
 
 from cxr_ray.commands.foreground import wait_until_stopped
-from cxr_ray.commands.options import add_shared, positive_int
+from cxr_ray.commands.options import add_engine_options, add_shared, positive_int
 from cxr_ray.engines.registry import BACKEND_NAMES
+from cxr_ray.engines.request import engine_options
 from cxr_ray.errors import UsageError
 from cxr_ray.models.registry import EXPLAIN_METHODS
 
@@ -49,6 +50,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--heatmap-method", default="gradcam", choices=EXPLAIN_METHODS,
                         help="explanation for --heatmaps (default gradcam)")
     add_shared(parser, "s3_endpoint")
+    add_engine_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     listener = Listener(
         Screener(args.model, backend=args.backend, device=args.device, s3_endpoint=args.s3_endpoint,
                  heatmap_method=args.heatmap_method if args.heatmaps == "flagged" else None,
-                 max_batch_size=args.max_batch_size),
+                 max_batch_size=args.max_batch_size, engine_options=engine_options(args)),
         ae_title=args.ae_title, forward_to=forward_to, reply_port=args.reply_port,
     )
     listener.start(args.host, args.port)

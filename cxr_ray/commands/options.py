@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from cxr_ray.engines.request import ENGINE_OPTION_NAMES, EngineRequest
 from cxr_ray.errors import UsageError
 from cxr_ray.screen import config as screen_config
 
@@ -36,12 +37,7 @@ SHARED: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_actors(text: str) -> tuple[int, int]:
-    """``MIN,MAX`` or ``N`` predict actors, as an argparse type (the rule is ScreenConfig's)."""
-    try:
-        return screen_config.parse_actors(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+ENGINE_GROUP = "engine"  # the argument group of ENGINE_OPTION_NAMES (ScreenConfig names it too)
 
 
 def positive_int(text: str) -> int:
@@ -49,6 +45,48 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+# The EngineRequest fields every surface that loads a backend passes down (ENGINE_OPTION_NAMES); the
+# defaults are EngineRequest's, so --help shows the ones the engines use.
+SHARED.update({
+    "calibration": {"flag": "--calibration", "metavar": "SPEC",
+                    "help": "int8: the images it is calibrated on (manifest, folder or glob, local or s3://; a "
+                            "seeded sample); required for --precision int8 on the CPU (OpenVINO + NNCF)"},
+    "calibration_images": {"flag": "--calibration-images", "metavar": "N", "type": positive_int,
+                           "default": EngineRequest.calibration_images,
+                           "help": f"int8: calibration sample size (default {EngineRequest.calibration_images})"},
+    "verify_labels": {"flag": "--verify-labels", "metavar": "SPEC",
+                      "help": "a labelled set (labels manifest or folder tree, local or s3://) whose sample adds "
+                              "real images and an AUC check to the engine's check against ONNX Runtime fp32"},
+    "verify_images": {"flag": "--verify-images", "metavar": "N", "type": positive_int,
+                      "default": EngineRequest.verify_images,
+                      "help": f"--verify-labels sample size (default {EngineRequest.verify_images})"},
+    "max_prob_diff": {"flag": "--max-prob-diff", "metavar": "X", "type": non_negative_float,
+                      "help": "the largest probability difference from ONNX Runtime fp32 accepted at load (default: "
+                              "the engine's tolerance); above it the engine is refused (auto: the next one is used)"},
+})
+assert set(ENGINE_OPTION_NAMES) <= set(SHARED)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The "engine" group: :data:`~cxr_ray.engines.request.ENGINE_OPTION_NAMES` as flags."""
+    add_shared(parser.add_argument_group(ENGINE_GROUP), *ENGINE_OPTION_NAMES)
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """``MIN,MAX`` or ``N`` predict actors, as an argparse type (the rule is ScreenConfig's)."""
+    try:
+        return screen_config.parse_actors(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def number_pair(text: str) -> list[float]:

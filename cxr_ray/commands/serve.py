@@ -12,8 +12,9 @@ import json
 import os
 
 from cxr_ray.commands.foreground import wait_until_stopped
-from cxr_ray.commands.options import add_shared
+from cxr_ray.commands.options import add_engine_options, add_shared
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES
+from cxr_ray.engines.request import engine_options
 from cxr_ray.errors import UsageError
 from cxr_ray.io.gpu.mode import DECODE_MODES
 
@@ -67,6 +68,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (default 0)")
     add_shared(parser, "s3_endpoint", "address",
                address="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for this command)")
+    add_engine_options(parser)
 
 
 def build_args(args: argparse.Namespace):
@@ -88,6 +90,7 @@ def build_args(args: argparse.Namespace):
             backend=args.backend,
             precision=args.precision,
             tta=args.tta,
+            **engine_options(args),
             device=args.device,
             decode=args.decode,
             s3_endpoint=args.s3_endpoint,
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--gpus-per-replica {args.gpus_per_replica:g}: no CUDA GPU is visible here, so the "
                          "replicas would wait for one forever; drop the flag or pass --address of a GPU cluster")
     check_engine(serve_args.backend, serve_args.precision, gpus=args.gpus_per_replica, device=args.device,
-                 local=not (args.address or os.environ.get("RAY_ADDRESS")))
+                 local=not (args.address or os.environ.get("RAY_ADDRESS")), calibration=serve_args.calibration)
 
     import ray
     from ray import serve

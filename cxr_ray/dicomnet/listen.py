@@ -107,7 +107,9 @@ class Screener:
 
     def __init__(self, model: str, *, backend: str = "auto", device: str | None = None,
                  s3_endpoint: str | None = None, heatmap_method: str | None = None,
-                 max_batch_size: int = MAX_BATCH_SIZE) -> None:
+                 max_batch_size: int = MAX_BATCH_SIZE, engine_options: dict[str, Any] | None = None) -> None:
+        """``engine_options``: :data:`~cxr_ray.engines.request.ENGINE_OPTION_NAMES` for ``load_backend``
+        (``--verify-labels``, ``--max-prob-diff``, ...)."""
         # Built first: a bad max_batch_size is refused before the model loads.
         self._batcher = OpportunisticBatcher(self._predict_batch, max_batch_size=max_batch_size)
         artifact = self.artifact = str(localize(model, s3_endpoint))
@@ -119,7 +121,8 @@ class Screener:
                 raise UsageError(f"--heatmaps flagged: model {self.card.name!r} has no positive class, "
                                  "so no instance is ever flagged")
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-listen-model")
-        self.backend = self._model_thread.submit(load_backend, artifact, backend, device=device).result()
+        self.backend = self._model_thread.submit(load_backend, artifact, backend, device=device,
+                                                 s3_endpoint=s3_endpoint, **(engine_options or {})).result()
         self.explainer = None if heatmap_method is None else self._model_thread.submit(
             lambda: Explainer(load_model(artifact)[0], self.card, heatmap_method)).result()
         self.config = self.card.preprocess_config

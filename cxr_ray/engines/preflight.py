@@ -80,7 +80,7 @@ def check_engine(
     if resolved == "int8" and not calibration:
         raise UsageError(
             f"--precision int8 on the CPU ({engine.name}, NNCF) is calibrated on real images, and none were given; "
-            "use --precision fp32 (or auto), or measure it with `cxr-ray bench backends --int8-calibration SPEC`"
+            "give --calibration SPEC (a manifest, folder or glob of real images), or use --precision fp32 (or auto)"
         )
     native = NATIVE_ONLY_ON_CPU.get(resolved)
     if native is not None and local and not native[0]():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,14 @@ class EngineRequest:
     tta: int = 1  # test-time augmentation views per image (1 = off; see cxr_ray.engines.tta)
     # True when the caller asked for "auto" (load_backend has then filled in the device auto chose).
     auto: bool = False
+
+
+# The request fields a surface (``screen``, ``serve``, ``listen``) takes from its "engine" flags and passes
+# through unchanged to every backend it loads (--calibration, --verify-labels, --max-prob-diff, ...).
+ENGINE_OPTION_NAMES = ("calibration", "calibration_images", "verify_labels", "verify_images", "max_prob_diff")
+
+
+def engine_options(source: Any) -> dict[str, Any]:
+    """``source``'s engine options (a config record or argparse namespace with those attributes), as
+    :func:`~cxr_ray.engines.load.load_backend` keyword arguments; the ones it lacks keep their defaults."""
+    return {name: getattr(source, name) for name in ENGINE_OPTION_NAMES if hasattr(source, name)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cxr_ray.engines.registry import BACKEND_NAMES, PRECISION_NAMES, check_precision
+from cxr_ray.engines.request import EngineRequest, engine_options
 from cxr_ray.engines.tta import check_views
 from cxr_ray.errors import UsageError
 from cxr_ray.io.gpu.mode import DECODE_MODES, check_decode_mode
@@ -67,6 +68,14 @@ class ScreenConfig:
         "auto: fp16 on GPUs (TensorRT / torch), fp32 on CPUs; bf16: opt-in on CPUs with AVX512-BF16 / AMX "
         "(torch backend, about 1.5x the fp32 ONNX Runtime speed for DenseNet-121, checked against fp32 at load)",
         choices=PRECISION_NAMES))
+    # The "engine" flags (cxr_ray.commands.options SHARED): passed unchanged to every predictor's load_backend.
+    calibration: str | None = field(default=None, metadata={"shared": "calibration", "group": "engine"})
+    calibration_images: int = field(default=EngineRequest.calibration_images,
+                                    metadata={"shared": "calibration_images", "group": "engine"})
+    verify_labels: str | None = field(default=None, metadata={"shared": "verify_labels", "group": "engine"})
+    verify_images: int = field(default=EngineRequest.verify_images,
+                               metadata={"shared": "verify_images", "group": "engine"})
+    max_prob_diff: float | None = field(default=None, metadata={"shared": "max_prob_diff", "group": "engine"})
     batch_size: int = field(default=32, metadata=_flag("images per predict call"))
     tta: int = field(default=1, metadata=_flag(
         "test-time augmentation: mean probability over N fixed views per image (1 = off; N model passes)",
@@ -127,7 +136,7 @@ class ScreenConfig:
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str):
             self.inputs = [self.inputs]
-        for name in ("batch_size", "decode_batch_size", "rows_per_part"):
+        for name in ("batch_size", "decode_batch_size", "rows_per_part", "calibration_images", "verify_images"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.actors is not None:
@@ -145,6 +154,12 @@ class ScreenConfig:
         check_heatmap_mode(self.heatmaps)
         if self.progress_format not in PROGRESS_FORMATS:
             raise UsageError(f"progress_format must be one of {', '.join(PROGRESS_FORMATS)}, got {self.progress_format!r}")
+        if self.max_prob_diff is not None and not self.max_prob_diff >= 0:
+            raise UsageError(f"max_prob_diff must be >= 0, got {self.max_prob_diff}")
         check_precision(self.precision)
         check_views(self.tta)
         check_decode_mode(self.decode)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The :class:`~cxr_ray.engines.request.EngineRequest` options every predictor loads its backend with."""
+        return engine_options(self)

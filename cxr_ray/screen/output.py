@@ -40,6 +40,7 @@ from cxr_ray.io.storage import get_filesystem, is_remote, join, open_output, to_
 
 PARTS_DIR = "parts"
 RUNS_DIR = "_runs"
+ENGINES_DIR = f"{RUNS_DIR}/engines"  # <run_id>-<digest>.json: each distinct engine a run's actors loaded
 QUARANTINE_DIR = "_quarantine"
 HEATMAPS_DIR = "_heatmaps"  # not "heatmaps": readers of OUTPUT would try the PNGs as Parquet
 SUMMARY_FILE = "_summary.json"
@@ -171,6 +172,18 @@ class OutputLayout:
                 with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                     out.append(json.loads(self.fs.cat_file(name)))
         return out
+
+    def write_engine(self, run_id: str, record: dict) -> None:
+        """What one predict actor loaded (``backend.describe()``: engine, precision, load-time check);
+        actors that loaded the same engine write the same file (its name is a digest of the record)."""
+        text = json.dumps(record, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.write_json(f"{ENGINES_DIR}/{run_id}-{digest}.json", {"run_id": run_id, **json.loads(text)})
+
+    def engines(self, run_id: str) -> list[dict]:
+        """The engines ``run_id``'s actors recorded (:meth:`write_engine`), without the run id."""
+        records = self.list_json(ENGINES_DIR, ".json") if self.exists(ENGINES_DIR) else []
+        return [{k: v for k, v in r.items() if k != "run_id"} for r in records if r.get("run_id") == run_id]
 
     def exists(self, relative: str) -> bool:
         path = self._path(*relative.split("/"))

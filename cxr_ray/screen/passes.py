@@ -197,6 +197,8 @@ def _pipeline(name: str, config: ScreenConfig, shared: PassInputs, plan: Layout,
             "device": None if plan.gpus_per_actor > 0 else "cpu",  # None: the GPU Ray assigned
             "precision": config.precision,
             "tta": config.tta,
+            "engine_options": config.engine_options(),
+            "output": shared.layout.uri,
             "num_threads": plan.threads_per_actor,
             "s3_endpoint": config.s3_endpoint,
             "decode": decode_kwargs if plan.decode_in_actors else None,

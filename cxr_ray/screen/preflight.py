@@ -38,7 +38,7 @@ def check_hardware(config: ScreenConfig, gpus: float, *, local: bool) -> None:
         raise UsageError(f"--gpus-per-actor {config.gpus_per_actor:g}: the cluster has no GPUs, so the predict "
                          "actors would wait for one forever; drop the flag or run on a GPU cluster")
     per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else gpus
-    check_engine(config.backend, config.precision, gpus=per_actor, local=local)
+    check_engine(config.backend, config.precision, gpus=per_actor, local=local, calibration=config.calibration)
 
 
 def check_local_hardware(config: ScreenConfig) -> None:

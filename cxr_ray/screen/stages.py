@@ -147,18 +147,24 @@ class Predictor:
         decode: dict | None = None,
         tta: int = 1,
         decode_on: str = "cpu",
+        engine_options: dict[str, Any] | None = None,
+        output: str | None = None,
     ) -> None:
         """``decode``: :func:`decode_batch`'s keyword arguments when this actor decodes its own
         batches (``path`` tables in), None when a decode stage runs before it. ``decode_on``:
         ``--decode`` (``gpu``: on this actor's GPU, refused at start where it cannot; ``auto``:
-        there when it can, else on the CPU with the reason in each row's warnings)."""
+        there when it can, else on the CPU with the reason in each row's warnings). ``engine_options``:
+        the run's "engine" flags (:meth:`ScreenConfig.engine_options`), passed unchanged to ``load_backend``.
+        ``output``: the run's output prefix, where the engine loaded (and its check) is recorded for the summary."""
 
         self.card = load_card(artifact, s3_endpoint)
         # "auto" on a GPU actor is the registry's GPU order (TensorRT, ..., torch on CUDA), never the CPU's.
         self.backend = load_backend(
             artifact, backend, device=device, precision=precision, num_threads=num_threads, s3_endpoint=s3_endpoint,
-            tta=tta,
+            tta=tta, **(engine_options or {}),
         )
+        if output is not None:  # which engine ran, and its load-time check: the summary's "engines"
+            OutputLayout(output, s3_endpoint).write_engine(run_id, self.backend.describe())
         self.run_id = run_id
         self.image_size = self.card.image_size
         self.classes = list(self.card.classes)

@@ -206,6 +206,7 @@ def finish_run(
         "model": model_record(card),
         "backend": run_record["backend"],
         "backends": dict(final.backends),
+        "engines": layout.engines(run_id),  # each engine this run's actors loaded: describe(), with its check
         "run_id": run_id,
         "run_ids": sorted(final.runs),
         "images_per_s": run_record["images_per_s"],

@@ -109,6 +109,8 @@ class ModelInfo(BaseModel):
     created_at: str
     schema_version: int
     backend: str
+    verification: dict | None = Field(None, description="the engine's load-time check against ONNX Runtime fp32 "
+                                      "(OpenVINO: max_abs_diff, atol, real_images, auc), null where none ran")
     batching: dict
     explain_methods: list[str]
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from cxr_ray.engines.request import EngineRequest
 from cxr_ray.engines.tta import MAX_VIEWS
 from cxr_ray.io.types import DecodePolicy
 
@@ -117,6 +118,12 @@ class ServeArgs(BaseModel):
     device: str | None = None  # e.g. "cuda:0"; None = backend's choice
     num_threads: PositiveInt | None = None  # intra-op threads of the backend
     tta: int = Field(1, ge=1, le=MAX_VIEWS)  # test-time augmentation views per image (cxr_ray.engines.tta)
+    # The "engine" options (EngineRequest; cxr-ray serve's --calibration ...): passed unchanged to load_backend.
+    calibration: str | None = None  # int8: the images it is calibrated on (manifest, folder, glob; local or s3://)
+    calibration_images: PositiveInt = EngineRequest.calibration_images
+    verify_labels: str | None = None  # a labelled set: real images and an AUC check in the load-time check
+    verify_images: PositiveInt = EngineRequest.verify_images
+    max_prob_diff: float | None = Field(None, ge=0)  # replaces the engine's tolerance vs ONNX Runtime fp32
     s3_endpoint: str | None = None
     # Name of an environment variable holding the API key; the key itself never
     # appears in the config. None = no key required.

@@ -27,6 +27,7 @@ from torch import nn
 
 from cxr_ray.engines.batching import OpportunisticBatcher
 from cxr_ray.engines.load import load_backend
+from cxr_ray.engines.request import engine_options
 from cxr_ray.explain.methods import Explainer, supported_pairs
 from cxr_ray.explain.overlay import overlay_png_bytes
 from cxr_ray.models.artifact import load_card, load_model, localize
@@ -56,6 +57,7 @@ class CxrPredictor:
         self.backend = self._model_thread.submit(
             load_backend, self.artifact, self.args.backend, device=self.args.device,
             precision=self.args.precision, num_threads=self.args.num_threads, tta=self.args.tta,
+            s3_endpoint=self.args.s3_endpoint, **engine_options(self.args),
         ).result()
         self._torch_model: nn.Module | None = None
         self._explainers: dict[str, Any] = {}
@@ -127,6 +129,7 @@ class CxrPredictor:
     def info(self) -> dict[str, Any]:
         out = card_summary(asdict(self.card))
         out["backend"] = self.backend.label
+        out["verification"] = self.backend.describe().get("verification")
         out["batching"] = {
             "enabled": self.args.batching,
             "max_batch_size": self.args.max_batch_size,
