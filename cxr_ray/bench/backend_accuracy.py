@@ -37,6 +37,7 @@ def accuracy_on_real_images(backends: dict[str, Any], reference_name: str, card:
     """Each backend's probability difference and AUC change vs ``reference_name`` on ``images`` of ``spec``."""
     stage(f"decoding {images} labelled images of {spec} for the accuracy check")
     sample = labelled_sample(spec, card, limit=images, s3_endpoint=s3_endpoint)
+    assert sample.labels is not None  # a labelled set always has them
     reference = backends[reference_name]
     rows: dict[str, Any] = {}
     for name, backend in backends.items():
