@@ -172,12 +172,11 @@ def backend_costs(
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((batch_size, 1, image_size, image_size)).astype(np.float32)
     out = {}
-    engines = [("onnxruntime", "fp32"), ("torch", "fp32")]
-    if openvino_available():  # what --backend auto picks first where it is installed
-        engines.append(("openvino", "fp32"))
+    openvino = openvino_available()  # what --backend auto picks first where it is installed
+    engines = [("onnxruntime", "fp32"), ("torch", "fp32")] + ([("openvino", "fp32")] if openvino else [])
     if precision not in ("auto", "fp32"):
         engines.append(("torch", precision))
-        if precision == "bf16" and openvino_available():
+        if precision == "bf16" and openvino:
             engines.append(("openvino", precision))
     for name, engine_precision in engines:
         try:

@@ -91,21 +91,25 @@ def auc(probs: np.ndarray, labels: np.ndarray, positive: int | None) -> float | 
 
 def verify_against(candidate: Backend, reference: Backend, card: ModelCard, *, atol: float,
                    sample: LabelledSample | None = None, synthetic: bool = True,
-                   auc_tolerance: float = AUC_TOLERANCE) -> dict[str, Any]:
+                   auc_tolerance: float = AUC_TOLERANCE, expected: np.ndarray | None = None) -> dict[str, Any]:
     """Compare ``candidate`` with ``reference`` (see the module docstring); the report, or
     :class:`EngineVerificationError` naming the figure that failed. ``synthetic`` False: real images
-    only (an int8 engine is calibrated on real images, and noise batches lie outside its ranges)."""
+    only (an int8 engine is calibrated on real images, and noise batches lie outside its ranges).
+    ``expected``: ``reference``'s predictions on ``sample`` when the caller has them already (one
+    reference run for several candidates)."""
     what = f"{candidate.label} vs {reference.label}"
     diff = 0.0
     if synthetic:
         diff = max_abs_diff_vs_fp32(candidate.predict, reference.predict, card.image_size, what=what)
     report: dict[str, Any] = {"reference": reference.label, "max_abs_diff": diff, "atol": atol}
     if sample is not None:
-        got, expected = predict_all(candidate, sample.images), predict_all(reference, sample.images)
+        got = predict_all(candidate, sample.images)
+        expected = predict_all(reference, sample.images) if expected is None else expected
         report["max_abs_diff_real"] = float(np.max(np.abs(got - expected)))
         report["real_images"] = {"spec": sample.spec, "images": len(got)}
         diff = report["max_abs_diff"] = max(diff, report["max_abs_diff_real"])
     if sample is not None and sample.labels is not None:
+        assert expected is not None  # set above with the sample
         engine_auc, reference_auc = (auc(p, sample.labels, card.positive_index) for p in (got, expected))
         report["auc"] = {"images": len(sample.labels), "skipped": sample.skipped, "engine": engine_auc,
                          "reference": reference_auc, "limit": auc_tolerance,
