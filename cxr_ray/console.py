@@ -31,7 +31,6 @@ Ray's logging is not muted, it is routed, using Ray's documented switches:
   every other C++ error, so the one line is dropped where the driver prints worker output, with
   Ray's documented ``RAY_DEDUP_LOGS_SKIP_REGEX`` (read when the driver imports Ray); the worker's
   ``.err`` file in the session's logs keeps it.
-
 * The driver's ``ray._private.authentication.authentication_token_setup`` logger tells, at
   WARNING, on every local start, that token authentication is *enabled* (Ray 2.60's default for a
   local cluster, which cxr-ray keeps): a filter on that one logger drops that notice
@@ -73,30 +72,30 @@ DRIVER_NOTICES_TO_DROP = (
 _verbose = False
 
 
-class _DropNotices(logging.Filter):
-    """Drops the records of one logger whose message starts with one of ``prefixes``."""
+class _DropNotice(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
 
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
+    def __init__(self, prefix: str) -> None:
         super().__init__()
-        self.prefixes = prefixes
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+        return not record.getMessage().startswith(self.prefix)
+
+
+# One filter object per notice: adding it again is a no-op (Logger.addFilter), removing it undoes it.
+_NOTICE_FILTERS = [(logging.getLogger(name), _DropNotice(prefix)) for name, prefix in DRIVER_NOTICES_TO_DROP]
 
 
 def configure(verbose: bool) -> None:
     """Call once, before Ray is imported: choose the console's level for Ray's logging."""
     global _verbose
     _verbose = verbose
-    for name, _ in DRIVER_NOTICES_TO_DROP:  # configure() may run more than once in a process (tests)
-        logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, _DropNotices)]:
-            logger.removeFilter(old)
+    for logger, notice in _NOTICE_FILTERS:  # configure() may run more than once in a process (tests)
+        (logger.removeFilter if verbose else logger.addFilter)(notice)
     if not verbose:
         os.environ.setdefault(RAY_DATA_LOGGING_ENV, str(QUIET_RAY_DATA_CONFIG))
         os.environ.setdefault(SKIP_WORKER_LINES_ENV, SKIP_WORKER_LINES)
-        for name, prefix in DRIVER_NOTICES_TO_DROP:
-            logging.getLogger(name).addFilter(_DropNotices((prefix,)))
 
 
 def is_verbose() -> bool:
